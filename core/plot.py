@@ -9,8 +9,6 @@ overlap.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -218,22 +216,7 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
 
 
 def image_to_png(img: Image.Image, path: str, overwrite: bool = True) -> str:
-    """Write a PNG through a temporary file in the same folder and a rename, so
-    a crash never leaves a half-written image under the final name."""
-    from .errors import LoraError
-
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise LoraError("file exists; pass overwrite to replace it", path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write a PNG atomically (temporary file + rename, core.save.atomic_write).
+    Report images are regenerated freely, so replacing is the default."""
+    from .save import atomic_write
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), ".png", overwrite)

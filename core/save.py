@@ -26,27 +26,35 @@ def safe_output_path(folder: str, filename: str) -> str:
     return target
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None,
-                overwrite: bool = False) -> str:
-    """Write a safetensors file through a temporary file and a rename."""
-    from safetensors.torch import save_file
-
+def atomic_write(path: str, write, suffix: str = "", overwrite: bool = False) -> str:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename
+    it into place, so a crash never leaves a half-written file under the final
+    name. Any file type (safetensors, PNG, JSON)."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise LoraError("file exists; pass overwrite to replace it", path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None,
+                overwrite: bool = False) -> str:
+    """Write a safetensors file through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                                    metadata={k: str(v) for k, v in (metadata or {}).items()}),
+                        ".safetensors", overwrite)
 
 
 def kohya_tensors(lora: LoraFile, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
