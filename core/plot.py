@@ -31,6 +31,13 @@ TEXT_COLOR = (20, 20, 20)
 # Largest plot area (pixels) before cells shrink; cell size limits.
 MAX_PLOT_W, MAX_PLOT_H = 1200, 1400
 MAX_CELL_W, MAX_CELL_H = 90, 26
+MAX_SQUARE_CELL = 60
+# Pillow's built-in font has no Greek or maths glyphs (they draw as boxes), so
+# drawn text is spelled out in ASCII.
+ASCII_TEXT = {"φ": "phi", "θ": "theta", "Φ": "Phi", "δ": "delta", "Δ": "d", "σ": "sigma", "π": "pi",
+              "β": "beta", "α": "alpha", "×": "x", "÷": "/", "·": "*", "‖": "||", "√": "sqrt",
+              "—": "-", "–": "-", "≈": "~", "≤": "<=", "≥": ">=", "→": "->", "…": "...", "²": "^2",
+              "ᵀ": "^T", "−": "-"}
 FONT_SIZE = 13
 
 
@@ -39,6 +46,12 @@ def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)   # Pillow ≥ 10.1: scalable font
     except TypeError:
         return ImageFont.load_default()
+
+
+def drawable(text: str) -> str:
+    """``text`` with the glyphs the default font lacks spelled out (φ → phi, × → x)."""
+    text = "".join(ASCII_TEXT.get(c, c) for c in str(text))
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def _text_size(font, text: str) -> tuple[int, int]:
@@ -73,10 +86,11 @@ def _value_range(v: np.ndarray, vmin: float | None, vmax: float | None) -> tuple
 
 
 def _cell_sizes(n_rows: int, n_cols: int) -> tuple[int, int]:
+    if n_rows == n_cols:  # square matrices (kernels, φ grids) get square cells
+        side = max(1, min(MAX_PLOT_W // n_cols, MAX_PLOT_H // n_rows, MAX_SQUARE_CELL))
+        return side, side
     cw = max(1, min(MAX_CELL_W, MAX_PLOT_W // n_cols))
     ch = max(1, min(MAX_CELL_H, MAX_PLOT_H // n_rows))
-    if n_rows == n_cols:  # square matrices (kernels, φ grids) get square cells
-        cw = ch = min(cw, max(ch, 1), MAX_CELL_H * 2)
     return cw, ch
 
 
@@ -116,6 +130,9 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise ValueError(f"{len(row_labels)} row / {len(col_labels)} column labels for a "
                          f"{n_rows}×{n_cols} array")
+    row_labels = [drawable(x) for x in row_labels]
+    col_labels = [drawable(x) for x in col_labels]
+    title, colorbar_label = drawable(title), drawable(colorbar_label)
     lo, hi = _value_range(v, vmin, vmax)
     font, small = _font(FONT_SIZE), _font(FONT_SIZE - 2)
     title_font = _font(FONT_SIZE + 3)

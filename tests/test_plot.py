@@ -92,3 +92,13 @@ def test_image_to_png_is_atomic_and_round_trips(tmp_path):
     from core.errors import LoraError
     with pytest.raises(LoraError):
         image_to_png(img, path, overwrite=False)
+
+
+def test_text_is_spelled_in_glyphs_the_default_font_has():
+    from core.plot import drawable
+    assert drawable("φ(i, j) × 2 ÷ ‖ΔW‖") == "phi(i, j) x 2 / ||dW||"
+    assert drawable("naïve").isascii()
+    # the default font draws 'phi' with real glyphs: the label ink differs from a box's
+    a = heatmap(np.zeros((1, 1)), ["φ"], ["x"], vmin=0, vmax=1)
+    b = heatmap(np.zeros((1, 1)), ["phi"], ["x"], vmin=0, vmax=1)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
