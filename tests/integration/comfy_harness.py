@@ -63,7 +63,7 @@ def comfyui_available() -> tuple[bool, str]:
         return False, f"no ComfyUI at {root} ({src}); set COMFYUI_PATH to a ComfyUI checkout with a venv/"
     py = comfyui_python()
     if not os.access(py, os.X_OK):
-        return False, f"ComfyUI at {root} ({src}) has no venv python at {py}"
+        return False, f"ComfyUI at {root} ({src}) has no venv python at {py}; create {root}/venv"
     version = "?"
     vf = root / "comfyui_version.py"
     if vf.is_file():
@@ -294,12 +294,29 @@ class ComfyServer:
                       if str(v.get("python_module", "")).startswith(mod))
 
     def pack_import_status(self) -> str:
-        """'imported', 'failed' or 'absent', from ComfyUI's custom-node import report."""
+        """From ComfyUI's custom-node import report: 'imported', 'failed' (ComfyUI says
+        IMPORT FAILED) or 'absent' (not tried).  'imported' only means the module ran;
+        a pack that catches its own errors still counts, see :meth:`pack_errors`."""
         target = str(self.custom_nodes_dir / PACK_NAME)
         for line in self.log_text().splitlines():
             if line.rstrip().endswith(target) and "seconds" in line:
                 return "failed" if "IMPORT FAILED" in line else "imported"
         return "absent"
+
+    def pack_errors(self) -> list[str]:
+        """Tracebacks / ERROR blocks in the server log that mention the linked pack."""
+        target = str(self.custom_nodes_dir / PACK_NAME)
+        blocks, cur = [], []
+        for line in self.log_text().splitlines():
+            starts = "[ERROR]" in line or "[WARNING]" in line or "[INFO]" in line
+            if starts and cur:
+                blocks.append("\n".join(cur))
+                cur = []
+            cur.append(line)
+        if cur:
+            blocks.append("\n".join(cur))
+        return [b for b in blocks if target in b and ("Traceback" in b or "[ERROR]" in b
+                                                     or "Cannot import" in b)]
 
     def queue_prompt(self, api_graph: dict, extra_data: dict | None = None) -> str:
         body = {"prompt": api_graph, "client_id": self.client_id}
@@ -424,3 +441,34 @@ def build_checkpoint(out: str | os.PathLike | None = None, verify: bool = False,
     if r.returncode != 0 or not out.exists():
         raise ComfyError(f"checkpoint build failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return out
+
+
+# ----------------------------------------------------------------------------- graphs
+
+def txt2img_graph(ckpt_name: str, lora_name: str | None = None, *, strength_model: float = 1.0,
+                  strength_clip: float = 1.0, positive: str = "a photo of a cat",
+                  negative: str = "blurry", width: int = 64, height: int = 64, steps: int = 3,
+                  cfg: float = 5.0, seed: int = 42, sampler: str = "euler", scheduler: str = "normal",
+                  filename_prefix: str = "grassmann_it") -> dict:
+    """API-format graph: CheckpointLoaderSimple [-> LoraLoader] -> CLIPTextEncode x2 ->
+    EmptyLatentImage -> KSampler -> VAEDecode -> SaveImage.  Node ids are fixed strings:
+    "1" checkpoint, "2" LoRA, "3"/"4" prompts, "5" latent, "6" sampler, "7" decode, "8" save."""
+    model, clip = ["1", 0], ["1", 1]
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}}
+    if lora_name is not None:
+        g["2"] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": lora_name,
+            "strength_model": strength_model, "strength_clip": strength_clip}}
+        model, clip = ["2", 0], ["2", 1]
+    g.update({
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": positive}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": negative}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+            "scheduler": scheduler, "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": filename_prefix}},
+    })
+    return g

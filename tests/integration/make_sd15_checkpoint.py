@@ -190,8 +190,9 @@ def main(argv=None) -> int:
         sd, n = build_state_dict(a.seed, a.residual_scale)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = out + ".part"
-        save_file(sd, tmp, metadata={"format": "pt", "grassmann_lora": "random SD1.5 test checkpoint",
-                                     "seed": str(a.seed), "residual_scale": str(a.residual_scale)})
+        # one metadata key only: safetensors writes a multi-key dict in random order,
+        # and byte-identical files for the same seed are worth more than a label
+        save_file(sd, tmp, metadata={"format": "pt"})
         os.replace(tmp, out)
         size = os.path.getsize(out) / 2**30
         print(f"built {out}: {len(sd)} tensors, {size:.2f} GiB, {n} layers reset, {time.time() - t0:.1f}s")
