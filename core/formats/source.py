@@ -1,0 +1,197 @@
+"""Opening a LoRA file by its content: tensor names, shapes and lazy reads.
+
+A ``TensorSource`` hides whether the tensors come from a safetensors file
+(read lazily, one tensor at a time), a PyTorch file loaded with
+``weights_only=True``, or a cloneofsimo pickled list (keys ``[0]``, ``[1]`` …).
+Every failure becomes a one-line ``LoraError`` naming the file and, where one
+is to blame, the key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+
+import torch
+
+from ..errors import LoraError
+from ..lora import check_finite
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+class TensorSource:
+    """Names, shapes and tensors of one file. ``kind``: safetensors | torch | list."""
+
+    kind = "torch"
+
+    def __init__(self, path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 non_tensors: dict[str, str] | None = None, kind: str = "torch"):
+        self.path = path
+        self._tensors = tensors
+        self.metadata = metadata
+        self.non_tensors = non_tensors or {}   # key -> description, reported as extras
+        self.kind = kind
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor, checked for NaN/Inf (floating point only)."""
+        try:
+            t = self._read(key)
+        except LoraError:
+            raise
+        except Exception as exc:  # corrupt data region, I/O error
+            raise LoraError(f"cannot read tensor: {_first_line(exc)}", self.path, key) from None
+        if t.is_floating_point():
+            check_finite(self.path, key, t)
+        return t
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(TensorSource):
+    """Lazy reads through ``safe_open``; the header is validated first so that
+    truncated files name the tensor whose data is missing."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        header = _read_safetensors_header(path)
+        try:
+            self._handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:
+            raise LoraError(f"not a readable safetensors file: {_first_line(exc)}", path) from None
+        meta = header.pop("__metadata__", None) or {}
+        self._header = header
+        super().__init__(path, {}, {str(k): str(v) for k, v in meta.items()}, kind="safetensors")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES.get(self._header[key]["dtype"], torch.float32)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _read_safetensors_header(path: str) -> dict:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise LoraError(f"file too short to be a LoRA ({size} bytes)", path)
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise LoraError(f"truncated safetensors file: the header claims {n} bytes but the file "
+                            f"has {size} bytes in all", path)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LoraError(f"corrupt safetensors header ({_first_line(exc, 80)})", path) from None
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            info["shape"] = [int(s) for s in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise LoraError("corrupt safetensors header entry", path, key) from None
+        if end > data_size:
+            raise LoraError(f"truncated file: this tensor's data ends at byte {8 + n + end} but the "
+                            f"file has only {size} bytes", path, key)
+    return header
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _flatten(obj, prefix: str, tensors: dict, others: dict) -> None:
+    """Nested dicts of tensors (a ``state_dict`` wrapper, TI files) to dotted keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors, others)
+    else:
+        others[prefix] = f"non-tensor value ({type(obj).__name__})"
+
+
+def _load_torch(path: str) -> TensorSource:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise LoraError(f"refusing to unpickle: the file needs code beyond plain tensors to load "
+                        f"({_first_line(exc, 160)})", path) from None
+    except Exception as exc:  # truncated zip, bad pickle stream …
+        raise LoraError(f"cannot read PyTorch file (truncated or corrupt?): {_first_line(exc)}",
+                        path) from None
+    if isinstance(obj, (list, tuple)):
+        tensors, others = {}, {}
+        for i, item in enumerate(obj):
+            _flatten(item, f"[{i}]", tensors, others)
+        return TensorSource(path, tensors, {}, others, kind="list")
+    if isinstance(obj, dict):
+        inner = obj.get("state_dict")
+        if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+        tensors, others = {}, {}
+        _flatten(obj, "", tensors, others)
+        return TensorSource(path, tensors, {}, others, kind="torch")
+    if isinstance(obj, torch.Tensor):
+        raise LoraError("the file holds a single tensor, not a LoRA", path)
+    raise LoraError(f"the file holds a {type(obj).__name__}, not a LoRA state dict", path)
+
+
+def open_source(path: str) -> TensorSource:
+    """Choose the reader from the file's first bytes, not its extension."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise LoraError("no such file" if not os.path.exists(path) else "not a regular file", path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise LoraError("empty file (0 bytes)", path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(_ZIP_MAGIC) or _looks_like_pickle(head):
+        return _load_torch(path)
+    if head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return SafetensorsSource(path)
+    raise LoraError("not a LoRA file: neither safetensors nor a PyTorch/pickle file "
+                    f"(first bytes {head[:8].hex()})", path)
