@@ -1,0 +1,236 @@
+"""Grassmann Log/Exp, extrinsic and Karcher means, against independent references:
+scipy.linalg.subspace_angles, dense projector eigendecompositions and a
+brute-force scipy.optimize minimisation of Σ w_k d_geo² over a chart of Gr(p, d)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import subspace_angles
+from scipy.optimize import minimize
+
+from core.errors import LoraError
+from core.karcher import extrinsic_mean, grassmann_exp, grassmann_log, karcher_mean
+
+F64 = torch.float64
+
+
+def orth(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=F64))[0]
+
+
+def near(base, eps, k, seed):
+    """k bases at principal angles of order eps from base."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(k, *base.shape, generator=g, dtype=F64)
+    return torch.linalg.qr(base + eps * noise)[0]
+
+
+def angles(a, b):
+    return np.sort(subspace_angles(np.asarray(a), np.asarray(b)))
+
+
+def d_geo(a, b):
+    return float(np.linalg.norm(angles(a, b)))
+
+
+def max_angle(a, b):
+    return float(angles(a, b).max())
+
+
+def tangent(x, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(x.shape, generator=g, dtype=F64)
+    return scale * (h - x @ (x.T @ h))
+
+
+# ---------------------------------------------------------------- Log / Exp
+@pytest.mark.parametrize("d,p,eps", [(12, 3, 0.3), (40, 5, 1e-7), (30, 6, 2.0)])
+def test_log_is_tangent_with_geodesic_length_and_exp_inverts_it(d, p, eps):
+    x = orth(d, p, seed=1)
+    y = near(x, eps, 1, seed=2)[0]
+    h = grassmann_log(x, y)
+    assert float((x.T @ h).abs().max()) < 1e-12
+    ref = d_geo(x, y)
+    assert abs(float(torch.linalg.matrix_norm(h)) - ref) <= 1e-9 * ref + 1e-15
+    assert max_angle(grassmann_exp(x, h), y) < 1e-9
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-3, 0.2])
+def test_log_of_exp_returns_the_tangent_even_for_tiny_steps(scale):
+    x = orth(20, 4, seed=3)
+    h = tangent(x, seed=4, scale=scale)
+    assert float(torch.linalg.matrix_norm(h, ord=2)) < math.pi / 2
+    back = grassmann_log(x, grassmann_exp(x, h))
+    # a basis holds a point to rounding (≈1e-16 absolute), so that is the floor
+    assert float(torch.linalg.matrix_norm(back - h)) < 1e-9 * float(torch.linalg.matrix_norm(h)) + 1e-14
+
+
+def test_exp_returns_orthonormal_basis_and_batched_equals_loop():
+    x = orth(5, 30, 4, seed=5)
+    y = orth(5, 30, 4, seed=6)
+    logs = grassmann_log(x, y)
+    ex = grassmann_exp(x, logs)
+    for i in range(5):
+        assert torch.allclose(logs[i], grassmann_log(x[i], y[i]), atol=1e-12)
+        assert torch.allclose(ex[i].T @ ex[i], torch.eye(4, dtype=F64), atol=1e-12)
+        assert max_angle(ex[i], y[i]) < 1e-9
+
+
+# ---------------------------------------------------------------- extrinsic mean
+def test_extrinsic_mean_is_top_eigenspace_of_weighted_projector_sum():
+    bases = torch.stack([orth(15, 3, seed=s) for s in range(4)])
+    w = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=F64)
+    proj = sum(wk * (b @ b.T) for wk, b in zip(w, bases))
+    ref = np.linalg.eigh(proj.numpy())[1][:, -3:]
+    got = extrinsic_mean(bases, w)
+    assert max_angle(got, ref) < 1e-10
+    assert torch.allclose(got.T @ got, torch.eye(3, dtype=F64), atol=1e-12)
+
+
+# ---------------------------------------------------------------- two sources
+@pytest.mark.parametrize("w1,w2,eps", [(1.0, 1.0, 0.4), (0.2, 0.6, 0.4), (3.0, 1.0, 1e-6), (1.0, 2.0, 0.9)])
+def test_two_sources_mean_on_geodesic_at_weight_fraction(w1, w2, eps):
+    u1 = orth(25, 4, seed=7)
+    u2 = near(u1, eps, 1, seed=8)[0]
+    res = karcher_mean(torch.stack([u1, u2]), [w1, w2])
+    t = w2 / (w1 + w2)
+    dist = d_geo(u1, u2)
+    assert abs(d_geo(res.mean, u1) - t * dist) < 1e-6 * max(dist, 1e-3)
+    assert abs(d_geo(res.mean, u2) - (1 - t) * dist) < 1e-6 * max(dist, 1e-3)
+    assert float(res.grad_norm) < 1e-6 and int(res.iterations) == 0
+
+
+def test_two_source_closed_form_is_the_stationary_point_of_the_iteration():
+    u = near(orth(18, 3, seed=9), 0.3, 2, seed=10)
+    closed = karcher_mean(u, [1.0, 3.0]).mean
+    # a third source with a vanishing weight leaves the minimiser unchanged up to O(weight)
+    third = torch.cat([u, orth(1, 18, 3, seed=11)])
+    iterative = karcher_mean(third, [1.0, 3.0, 1e-9], tol=1e-12, max_iter=200)
+    assert bool(iterative.converged)
+    assert max_angle(closed, iterative.mean) < 1e-6
+
+
+# ---------------------------------------------------------------- K sources
+def brute_force_frechet(bases, w, start):
+    """argmin Σ w_k ‖θ(X, U_k)‖² over the chart X(B) = orth(X0 + X0⊥B), by BFGS
+    on scipy's principal angles (nothing from core)."""
+    x0 = np.asarray(start)
+    d, p = x0.shape
+    perp = np.linalg.svd(np.eye(d) - x0 @ x0.T)[0][:, : d - p]
+    us = [np.asarray(b) for b in bases]
+
+    def point(b):
+        return np.linalg.qr(x0 + perp @ b.reshape(d - p, p))[0]
+
+    def cost(b):
+        x = point(b)
+        return sum(wk * float(np.sum(subspace_angles(x, u) ** 2)) for wk, u in zip(w, us))
+
+    res = minimize(cost, np.zeros((d - p) * p), method="BFGS", jac="3-point",
+                   options={"gtol": 1e-11, "maxiter": 2000})
+    return point(res.x)
+
+
+@pytest.mark.parametrize("d,p,k,eps,seed", [(7, 2, 3, 0.2, 0), (8, 3, 4, 0.12, 1), (6, 2, 5, 0.15, 2)])
+def test_karcher_matches_brute_force_frechet_mean(d, p, k, eps, seed):
+    bases = near(orth(d, p, seed=seed), eps, k, seed=seed + 100)
+    w = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.2
+    res = karcher_mean(bases, w)
+    assert bool(res.converged) and float(res.grad_norm) < 1e-6 and bool(res.unique)
+    ref = brute_force_frechet(bases, w.numpy(), extrinsic_mean(bases, w))
+    assert max_angle(res.mean, ref) < 1e-5
+
+
+def test_karcher_independent_of_order_basis_and_weight_scale():
+    bases = near(orth(60, 5, seed=3), 0.05, 4, seed=4)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64)
+    ref = karcher_mean(bases, w).mean
+    perm = torch.tensor([2, 0, 3, 1])
+    assert max_angle(karcher_mean(bases[perm], w[perm]).mean, ref) < 1e-9
+    rot = torch.stack([orth(5, 5, seed=20 + i) for i in range(4)])
+    assert max_angle(karcher_mean(bases @ rot, w).mean, ref) < 1e-9
+    assert max_angle(karcher_mean(bases, 7.0 * w).mean, ref) < 1e-9
+
+
+def test_batched_means_equal_one_at_a_time():
+    bases = torch.stack([near(orth(40, 4, seed=s), 0.2, 3, seed=50 + s) for s in range(4)])
+    w = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.1, 5.0, 1.0], [2.0, 1.0, 1.0]], dtype=F64)
+    batch = karcher_mean(bases, w)
+    for i in range(4):
+        one = karcher_mean(bases[i], w[i])
+        assert max_angle(batch.mean[i], one.mean) < 1e-9
+        assert int(batch.iterations[i]) == int(one.iterations)
+
+
+def test_gradient_at_mean_vanishes_by_independent_log_sum():
+    """Σ w_k Log_M(U_k) recomputed with the textbook inverse formula (fine away
+    from π/2): Log = U·atan(Σ)·Vᵀ with UΣVᵀ = (I − MMᵀ)U_k(MᵀU_k)⁻¹."""
+    bases = near(orth(30, 3, seed=12), 0.3, 5, seed=13)
+    w = np.array([1.0, 0.5, 2.0, 1.0, 0.7])
+    m = karcher_mean(bases, torch.tensor(w)).mean.numpy()
+    grad = np.zeros_like(m)
+    for wk, u in zip(w, bases.numpy()):
+        t = (u - m @ (m.T @ u)) @ np.linalg.inv(m.T @ u)
+        a, s, bt = np.linalg.svd(t, full_matrices=False)
+        grad += wk * (a * np.arctan(s)) @ bt
+    assert np.linalg.norm(grad) < 1e-8
+
+
+def test_far_sources_flagged_not_unique_but_finite_orthonormal_and_deterministic():
+    bases = torch.stack([orth(50, 6, seed=30 + i) for i in range(4)])   # nearly orthogonal
+    res = karcher_mean(bases, [1.0, 1.0, 1.0, 1.0], max_iter=20)
+    again = karcher_mean(bases, [1.0, 1.0, 1.0, 1.0], max_iter=20)
+    m = res.mean
+    assert torch.isfinite(m).all()
+    assert torch.allclose(m.T @ m, torch.eye(6, dtype=F64), atol=1e-12)
+    assert not bool(res.unique) and not bool(res.afsari)
+    assert float(res.max_angle) > math.pi / 4 and float(res.pairwise_max_angle) > math.pi / 4
+    assert torch.equal(m, again.mean)
+    # spread figures agree with scipy
+    worst = max(max_angle(m, b) for b in bases)
+    assert abs(float(res.max_angle) - worst) < 1e-9
+
+
+def test_exactly_orthogonal_pair_gives_finite_orthonormal_midpoint():
+    e = torch.eye(8, dtype=F64)
+    res = karcher_mean(torch.stack([e[:, :2], e[:, 2:4]]), [1.0, 1.0])
+    m = res.mean
+    assert torch.isfinite(m).all() and torch.allclose(m.T @ m, torch.eye(2, dtype=F64), atol=1e-12)
+    assert np.allclose(angles(m, e[:, :2]), math.pi / 4, atol=1e-9)
+    assert not bool(res.unique)
+
+
+def test_spread_is_within_ball_for_close_sources():
+    res = karcher_mean(near(orth(40, 3, seed=14), 0.05, 4, seed=15), [1, 1, 1, 1])
+    assert bool(res.unique) and bool(res.afsari) and float(res.radius) < math.pi / 4
+
+
+def test_chordal_mean_is_extrinsic_mean_and_minimises_chordal_cost():
+    bases = near(orth(10, 2, seed=16), 0.5, 3, seed=17)
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
+    res = karcher_mean(bases, w, distance="chordal")
+    assert max_angle(res.mean, extrinsic_mean(bases, w)) < 1e-12
+    assert float(res.grad_norm) < 1e-10 and bool(res.unique)
+
+    def chordal_cost(x):
+        return sum(float(wk) * float(np.sum(np.sin(subspace_angles(x, np.asarray(b))) ** 2))
+                   for wk, b in zip(w, bases))
+    best = chordal_cost(np.asarray(res.mean))
+    for s in range(20):   # random nearby competitors never do better
+        x = torch.linalg.qr(res.mean + 0.05 * torch.randn(10, 2, generator=torch.Generator().manual_seed(s),
+                                                            dtype=F64))[0]
+        assert chordal_cost(np.asarray(x)) >= best - 1e-12
+
+
+@pytest.mark.parametrize("weights", [[1.0, -1.0], [1.0, 0.0], [float("nan"), 1.0]])
+def test_non_positive_or_bad_weights_are_a_clear_error(weights):
+    bases = torch.stack([orth(10, 2, seed=1), orth(10, 2, seed=2)])
+    with pytest.raises(LoraError, match="weight"):
+        karcher_mean(bases, weights)
+
+
+def test_unknown_distance_is_a_clear_error():
+    with pytest.raises(LoraError, match="supported"):
+        karcher_mean(torch.stack([orth(10, 2, seed=1)] * 2), [1, 1], distance="martin")
