@@ -153,8 +153,8 @@ def test_self_value_equals_kernel_of_x_with_itself():
     x = orthonormal(20, 5, 9)
     for name in KERNELS:
         k = make_kernel(name, **valid_params(name, 5))
-        assert np.isclose(float(k.self_value(5)), brute_kernel(name, x.numpy(), x.numpy(),
-                                                                **valid_params(name, 5)))
+        b = x.numpy()
+        assert np.isclose(float(k.self_value(5)), brute_kernel(name, b, b, **valid_params(name, 5)))
 
 
 def test_parameter_validation():
@@ -180,6 +180,19 @@ def test_parameter_validation():
         k.check_ranks(4)
     # the logarithm kernels have no parameters, so nothing to refuse
     assert make_kernel("projection-log", beta=-5).params() == {}
+
+
+def test_cross_rank_projection_statistic_is_half_the_projector_distance():
+    """p − s with p = (k + l)/2 equals ½‖XXᵀ − YYᵀ‖²_F, so the projection kernels
+    across ranks are the same functions of a Euclidean distance between projectors."""
+    for k, l in ((2, 5), (4, 1), (3, 3)):
+        x, y = orthonormal(9, k, k), orthonormal(9, l, 10 + l)
+        half_dist = 0.5 * float(torch.linalg.norm(x @ x.T - y @ y.T) ** 2)
+        s = float((principal_cosines(x, y) ** 2).sum())
+        assert np.isclose(0.5 * (k + l) - s, half_dist, rtol=1e-12)
+        kern = make_kernel("projection-laplace", beta=0.8)
+        assert np.isclose(float(kern.from_cosines(principal_cosines(x, y), k, l)),
+                          np.exp(-0.8 * np.sqrt(half_dist)), rtol=1e-12)
 
 
 def test_binet_cauchy_refuses_unequal_ranks():
