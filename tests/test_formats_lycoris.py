@@ -1,10 +1,5 @@
-"""LyCORIS LoHa and LoKr: the factored form must equal what ComfyUI applies.
-
-The reference ΔW below re-implements ComfyUI's ``calculate_weight`` of
-``comfy/weight_adapter/loha.py`` and ``lokr.py`` (einsum for Tucker cores,
-``torch.kron`` with w1 unsqueezed for 4-D w2, ``.reshape(weight.shape)``,
-scale alpha / dim), densely in float64, independent of core.formats.
-"""
+"""LyCORIS LoHa and LoKr: the factored form must equal what ComfyUI applies
+(reference ΔW: tests/lora_reference.py, ComfyUI's own formulas in float64)."""
 import math
 
 import pytest
@@ -14,8 +9,8 @@ from safetensors.torch import save_file
 from core.device import linalg_threads
 from core.factored import module_svd
 from core.formats import load_lora
-from core.grassmann import principal_angles
 from core.sdarch import arch_for
+from tests.lora_reference import assert_svd_matches_dense, comfy_loha_delta, comfy_lokr_delta
 
 SD1 = arch_for("sd1")
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"      # 320×768
@@ -73,43 +68,6 @@ def split_kernel_lokr(name, gen, r=4):
     return {f"{name}.lokr_w1_a": _rand(gen, 20, r), f"{name}.lokr_w1_b": _rand(gen, r, 60),
             f"{name}.lokr_w2_a": _rand(gen, 16, r), f"{name}.lokr_w2_b": _rand(gen, r, 48),
             f"{name}.alpha": torch.tensor(float(r))}
-
-
-def comfy_loha_delta(t, name, weight_shape):
-    g = {k[len(name) + 1:]: v.double() for k, v in t.items() if k.startswith(name + ".")}
-    alpha = g["alpha"].item() / g["hada_w1_b"].shape[0] if "alpha" in g else 1.0
-    if "hada_t1" in g:
-        m1 = torch.einsum("i j k l, j r, i p -> p r k l", g["hada_t1"], g["hada_w1_b"], g["hada_w1_a"])
-        m2 = torch.einsum("i j k l, j r, i p -> p r k l", g["hada_t2"], g["hada_w2_b"], g["hada_w2_a"])
-    else:
-        m1 = g["hada_w1_a"] @ g["hada_w1_b"]
-        m2 = g["hada_w2_a"] @ g["hada_w2_b"]
-    return alpha * (m1 * m2).reshape(weight_shape)
-
-
-def comfy_lokr_delta(t, name, weight_shape):
-    g = {k[len(name) + 1:]: v.double() for k, v in t.items() if k.startswith(name + ".")}
-    dim = None
-    if "lokr_w1" in g:
-        w1 = g["lokr_w1"]
-    else:
-        dim = g["lokr_w1_b"].shape[0]
-        w1 = g["lokr_w1_a"] @ g["lokr_w1_b"]
-    if "lokr_w2" in g:
-        w2 = g["lokr_w2"]
-    else:
-        dim = g["lokr_w2_b"].shape[0]
-        if "lokr_t2" in g:
-            # .contiguous(): torch.kron rejects the einsum's strided result (ComfyUI hits
-            # exactly this and logs "ERROR lokr … view size is not compatible")
-            w2 = torch.einsum("i j k l, j r, i p -> p r k l", g["lokr_t2"], g["lokr_w2_b"],
-                              g["lokr_w2_a"]).contiguous()
-        else:
-            w2 = g["lokr_w2_a"] @ g["lokr_w2_b"]
-    if len(w2.shape) == 4:
-        w1 = w1.unsqueeze(2).unsqueeze(2)
-    alpha = g["alpha"].item() / dim if "alpha" in g and dim is not None else 1.0
-    return alpha * torch.kron(w1, w2).reshape(weight_shape)
 
 
 def cases():
@@ -170,14 +128,8 @@ def test_factored_form_equals_comfyui_formula(loaded, label):
 def test_factored_svd_matches_dense_svd(loaded, label):
     lora, tensors, kind, name = loaded[label]
     m = lora.modules[name]
-    f = module_svd(m)
     dense = REFERENCE[kind](tensors, name, SD1.shapes[name]).reshape(m.d_out, -1)
-    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
-    k = f.effective_rank
-    assert k == int((s > 1e-6 * s[0]).sum())
-    torch.testing.assert_close(f.S[:k], s[:k], rtol=1e-4, atol=1e-9 * float(s[0]))
-    assert float(principal_angles(f.U[:, :k], u[:, :k]).max()) < 1e-3
-    assert float(principal_angles(f.V[:, :k], vh[:k].T).max()) < 1e-3
+    assert_svd_matches_dense(module_svd(m), dense)
 
 
 def test_scale_rules_follow_comfyui(loaded):

@@ -43,7 +43,8 @@ def _listing(items: list[str]) -> str:
 
 class LoraReader:
     """A LoRA file opened for reading. ``names`` are canonical module names in
-    file order; ``read(name)`` materialises one module; ``load()`` all."""
+    depth order (file order for families without a table); ``read(name)``
+    materialises one module; ``load()`` all."""
 
     def __init__(self, path: str):
         from .source import open_source
@@ -179,6 +180,9 @@ class LoraReader:
                 self.extras[roles["dora_scale"]] = ("DoRA magnitude: ΔW here is the low-rank direction "
                                                     "only, not the weight-decomposed update")
             self._plans[name] = plan
+        if table is not None:  # depth order, modules outside the table last
+            order = sorted(self._plans, key=lambda n: table.order.get(n, len(table.order)))
+            self._plans = {n: self._plans[n] for n in order}
         if outside:
             self.warnings.append(f"{len(outside)} module(s) are not in the {FAMILY_LABELS[self.family]} "
                                  f"table; kept under kohya-style names without a shape check: "

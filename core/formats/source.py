@@ -145,7 +145,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 def _flatten(obj, prefix: str, tensors: dict, others: dict) -> None:
     """Nested dicts of tensors (a ``state_dict`` wrapper, TI files) to dotted keys."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj
+        tensors[prefix] = obj.detach()  # cloneofsimo saved nn.Parameters
     elif isinstance(obj, dict):
         for k, v in obj.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors, others)
