@@ -144,8 +144,9 @@ class LoraReader:
                             "modules to read", self.path, unsupported[0])
         plain = [k for k in keys if k.endswith((".weight", ".bias"))]
         if plain and (len(plain) * 2 >= len(keys) or any(k.startswith(_CHECKPOINT_PREFIXES) for k in plain)):
+            example = next((k for k in plain if k.endswith(".weight")), plain[0])
             raise LoraError(f"this looks like a full model checkpoint, not a LoRA ({len(plain)} plain "
-                            "weight tensors, no LoRA factors)", self.path, plain[0])
+                            "weight/bias tensors, no LoRA factors)", self.path, example)
         if all("embed" in self.extras.get(k, "") for k in keys):
             raise LoraError("this looks like a Textual-Inversion embedding, not a LoRA", self.path, keys[0])
         raise LoraError("no LoRA weights found (no lora_up/lora_down, lora_A/lora_B, hada_* or lokr_* "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 
 import torch
@@ -157,8 +158,10 @@ def _load_torch(path: str) -> TensorSource:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise LoraError(f"refusing to unpickle: the file needs code beyond plain tensors to load "
-                        f"({_first_line(exc, 160)})", path) from None
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\.?\n|$)", str(exc))
+        what = found.group(1).strip() if found else _first_line(exc, 120)
+        raise LoraError(f"refusing to unpickle: loading needs Python code beyond plain tensors ({what})",
+                        path) from None
     except Exception as exc:  # truncated zip, bad pickle stream …
         raise LoraError(f"cannot read PyTorch file (truncated or corrupt?): {_first_line(exc)}",
                         path) from None
