@@ -1,0 +1,680 @@
+"""Merging LoRAs into one real, loadable LoRA, with a fidelity report.
+
+Sources ΔW_k = s_k·up_k·down_k with user weights w_k (kohya/ComfyUI meaning:
+weight 1 = the LoRA at strength 1). Every method works module by module on
+the modules the sources share; ΔW is never formed except by ties and dare,
+which are elementwise by nature (chunked there, memory bounded).
+
+    karcher  U*, V* = weighted Karcher means of the sources' top-p column and
+             row spaces on Gr(p, d_out), Gr(p, d_in) (core.karcher); core
+             M = Σ w_k U*ᵀΔW_k V* (p×p, from factors) = P·S·Qᵀ; up = U*·P·√S,
+             down = √S·Qᵀ·V*ᵀ, alpha = p (scale 1). distance="chordal" uses
+             the chordal (extrinsic) mean instead.
+    linear   exact Σ w_k ΔW_k by concatenated factors, rank Σ r_k ("concat" is
+             the same merge under its other name).
+    svd      best rank-p approximation of Σ w_k ΔW_k: QR of the stacked factors
+             and an SVD of the (Σr)×(Σr) core — equal to truncating a dense SVD.
+    ties     TIES (Yadav et al. 2023) on the task vectors τ_k = w_k ΔW_k: keep
+             each τ_k's top `ties_density` fraction by magnitude, elect each
+             entry's sign by the sign of Σ_k trimmed τ_k, average the trimmed
+             entries that agree with it (disjoint mean); then rank p.
+    dare     DARE (Yu et al. 2024): drop each entry of τ_k with probability q =
+             `dare_drop`, rescale by 1/(1−q), sum (expectation = Σ w_k ΔW_k,
+             seeded); then rank p.
+    For ties/dare "rank p" is the best rank-p approximation of the dense
+    result (top_singular: subspace iteration converged to dense-SVD accuracy).
+
+Merge rank p (not for linear/concat): default per module the smallest rank
+among the sources merged there (nominal rank, or the effective rank when
+that is smaller). Asking for more than min(d_out, d_in) of any merged module
+is an error. karcher needs p directions from every source: a module whose
+sources have fewer gets the largest rank they allow, and asking for more than
+any module allows is an error; svd is likewise capped by Σ effective ranks and
+ties/dare by min(d_out, d_in). Capped modules are counted in the report.
+
+Weights: one per source, finite, not all zero; default 1/K each (the mean).
+Weight 0 leaves a source out. Negative weights are refused by karcher (a
+Fréchet mean has no negative masses) and allowed by the others.
+
+Modules: a module some sources lack (or have dead, ΔW = 0) is merged among the
+sources that have it; a module only one source has is copied with its own
+factors at scale w_k·s_k; a module dead in every source is skipped (not
+written); a merged result that cancels to zero is skipped too. Both are listed
+in the report, never written as NaN.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .device import default_device, linalg_threads
+from .errors import LoraError
+from .formats import require_same_family
+from .factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, modules_svd, svd_from_factors
+from .karcher import DETERMINISTIC_CHOICE, DISTANCES, KarcherResult, karcher_mean
+from .lora import LoraFile, LoraModule, module_part
+from .measures import phi
+from .save import atomic_save, kohya_metadata, kohya_tensors
+from .sdarch import TABLE_FAMILIES, arch_for
+
+METHODS = ("karcher", "linear", "concat", "svd", "ties", "dare")
+RANKED = ("karcher", "svd", "ties", "dare")   # methods with a merge rank p
+NAMINGS = ("first", "kohya")
+RECIPE_KEY = "grassmann_lora.merge"
+CHUNK_ELEMENTS = 1 << 22        # ties/dare dense rows processed at a time (32 MiB in float64)
+SUBSPACE_OVERSAMPLING = 10      # extra block columns in top_singular
+KOHYA_LIKE = ("kohya", "lycoris", "lycoris-loha", "lycoris-lokr")  # key stems are module names
+
+
+# ------------------------------------------------------------------ report
+@dataclass
+class ModuleReport:
+    """Fidelity of one merged module. Source indices refer to the loras list."""
+
+    name: str
+    group: str
+    status: str                    # merged (all sources) | partial (some) | copied (one)
+    sources: list[int]
+    rank: int
+    target_norm: float             # ‖Σ w_k ΔW_k‖_F
+    error_norm: float              # ‖ΔW_merge − Σ w_k ΔW_k‖_F
+    rel_error: float | None        # None only when the target is exactly zero
+    energy: dict[int, float]       # ‖ΔW_k‖²_F
+    kept: dict[int, float]         # ‖P_U ΔW_k P_V‖²_F / ‖ΔW_k‖²_F (merge's column/row spaces)
+    phi: dict[int, float]          # φ between the merge's and the source's column spaces
+    karcher: dict | None = None    # per side "U"/"V": iterations, grad_norm, angles, flags
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        for key in ("energy", "kept", "phi"):
+            d[key] = {str(k): v for k, v in d[key].items()}
+        return d
+
+
+@dataclass
+class MergeReport:
+    method: str
+    weights: list[float]
+    rank: int | None
+    family: str
+    sources: list[str]
+    distance: str | None = None
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)   # reason -> module names
+    capped: list[str] = field(default_factory=list)                # rank lowered there
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Whole-LoRA figures: Frobenius norms pooled over modules."""
+        mods = self.modules
+        target = math.sqrt(sum(m.target_norm ** 2 for m in mods))
+        error = math.sqrt(sum(m.error_norm ** 2 for m in mods))
+        worst = max((m for m in mods if m.rel_error is not None), key=lambda m: m.rel_error, default=None)
+        out: dict = {
+            "modules": len(mods),
+            "status": {s: sum(m.status == s for m in mods) for s in ("merged", "partial", "copied")},
+            "skipped": {k: len(v) for k, v in self.skipped.items()},
+            "rank_capped": len(self.capped),
+            "rel_error": error / target if target > 0 else (0.0 if error == 0 else None),
+            "rel_error_max": worst.rel_error if worst else None,
+            "rel_error_max_module": worst.name if worst else None,
+            "kept": {}, "phi": {},
+        }
+        for k, name in enumerate(self.sources):
+            energy = sum(m.energy[k] for m in mods if k in m.energy)
+            if energy > 0:
+                out["kept"][name] = sum(m.kept[k] * m.energy[k] for m in mods if k in m.energy) / energy
+                phis = [m.phi[k] for m in mods if k in m.phi]
+                out["phi"][name] = sum(phis) / len(phis)
+        sides = [side for m in mods if m.karcher for side in m.karcher.values()]
+        if sides:
+            iters = [s["iterations"] for s in sides]
+            out["karcher"] = {
+                "distance": self.distance,
+                "iterations_mean": sum(iters) / len(iters), "iterations_max": max(iters),
+                "grad_norm_max": max(s["grad_norm"] for s in sides),
+                "not_converged": sum(1 for m in mods if m.karcher and
+                                     not all(s["converged"] for s in m.karcher.values())),
+                "not_unique": sum(1 for m in mods if m.karcher and
+                                  not all(s["unique"] for s in m.karcher.values())),
+                "max_angle_deg": max(s["max_angle_deg"] for s in sides),
+            }
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "weights": self.weights, "rank": self.rank,
+                "family": self.family, "sources": self.sources, "distance": self.distance,
+                "summary": self.summary(), "warnings": self.warnings, "skipped": self.skipped,
+                "rank_capped": self.capped, "modules": [m.to_dict() for m in self.modules]}
+
+    def table(self) -> str:
+        """Fidelity per block group (the JSON report has every module)."""
+        labels = [chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(len(self.sources))]
+        groups: dict[str, list[ModuleReport]] = {}
+        for m in self.modules:
+            groups.setdefault(m.group, []).append(m)
+        head = ["group", "mods", "rank", "rel.err"] + [f"kept {x}" for x in labels] + \
+               [f"φ {x}" for x in labels]
+        karcher = any(m.karcher for m in self.modules)
+        if karcher:
+            head += ["iters", "non-uniq"]
+        rows = [head]
+
+        def row(label: str, mods: list[ModuleReport]) -> list[str]:
+            target = math.sqrt(sum(m.target_norm ** 2 for m in mods))
+            error = math.sqrt(sum(m.error_norm ** 2 for m in mods))
+            ranks = sorted({m.rank for m in mods})
+            cells = [label, str(len(mods)), str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}",
+                     f"{error / target:.2e}" if target > 0 else "-"]
+            for k in range(len(labels)):
+                e = sum(m.energy.get(k, 0.0) for m in mods)
+                cells.append(f"{sum(m.kept[k] * m.energy[k] for m in mods if k in m.kept) / e:.3f}"
+                             if e > 0 else "-")
+            for k in range(len(labels)):
+                ph = [m.phi[k] for m in mods if k in m.phi]
+                cells.append(f"{sum(ph) / len(ph):.3f}" if ph else "-")
+            if karcher:
+                its = [s["iterations"] for m in mods if m.karcher for s in m.karcher.values()]
+                cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")
+                cells.append(str(sum(1 for m in mods if m.karcher and
+                                     not all(s["unique"] for s in m.karcher.values()))))
+            return cells
+
+        for label, mods in groups.items():
+            rows.append(row(label, mods))
+        rows.append(row("all", self.modules))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"{self.method} merge of {len(self.sources)} LoRAs ({self.family}), weights "
+                 f"{', '.join(f'{w:g}' for w in self.weights)}"]
+        lines += [f"  {x} = {name}" for x, name in zip(labels, self.sources)]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        s = self.summary()
+        lines.append(f"relative error (whole LoRA) {s['rel_error']:.3e}" if s["rel_error"] is not None
+                     else "relative error: target is zero")
+        for reason, names in self.skipped.items():
+            lines.append(f"skipped ({reason}): {len(names)} module(s)")
+        if self.capped:
+            lines.append(f"rank lowered to what the sources allow in {len(self.capped)} module(s)")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class MergeResult:
+    lora: LoraFile
+    report: MergeReport
+    key_names: dict[str, str] = field(default_factory=dict)  # canonical -> written stem ("first" naming)
+
+    @property
+    def recipe(self) -> dict:
+        return json.loads(self.lora.metadata[RECIPE_KEY])
+
+    def save(self, path: str, dtype: torch.dtype | None = None, overwrite: bool = False) -> str:
+        """Write a kohya-style .safetensors (atomic, no overwrite unless asked) with
+        kohya metadata plus the recipe; keys follow the chosen naming."""
+        if not self.lora.modules:
+            raise LoraError("nothing to save: the merge has no modules", path)
+        tensors = kohya_tensors(self.lora, dtype)
+        if self.key_names:
+            tensors = {_rename(key, self.key_names): t for key, t in tensors.items()}
+        return atomic_save(tensors, path, kohya_metadata(self.lora, self.lora.metadata), overwrite)
+
+
+def _rename(key: str, stems: dict[str, str]) -> str:
+    stem, rest = key.split(".", 1)
+    return f"{stems.get(stem, stem)}.{rest}"
+
+
+# ------------------------------------------------------------------ jobs
+@dataclass
+class _Source:
+    index: int
+    weight: float
+    module: LoraModule
+    svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device
+
+    @property
+    def rank(self) -> int:
+        return int(self.svd.S.numel())
+
+
+@dataclass
+class _Job:
+    name: str
+    shape: tuple[int, ...]
+    sources: list[_Source]     # live sources with nonzero weight
+    present: int               # sources that have the module at all
+    rank: int = 0
+    capped: bool = False
+
+    @property
+    def d_out(self) -> int:
+        return self.sources[0].module.d_out
+
+    @property
+    def d_in(self) -> int:
+        return self.sources[0].module.d_in
+
+
+def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
+    if weights is None:
+        return [1.0 / len(loras)] * len(loras)
+    w = [float(x) for x in weights]
+    if len(w) != len(loras):
+        raise LoraError(f"{len(w)} weight(s) given for {len(loras)} LoRAs")
+    if not all(math.isfinite(x) for x in w):
+        raise LoraError(f"weights must be finite numbers, got {w}")
+    if all(x == 0 for x in w):
+        raise LoraError("all weights are zero: nothing to merge")
+    if method == "karcher":
+        for lora, x in zip(loras, w):
+            if x < 0:
+                raise LoraError(f"weight {x:g} is negative: the Karcher (Fréchet) mean has no meaning "
+                                "for negative weights; use the linear or svd merge to subtract a LoRA",
+                                lora.path)
+    return w
+
+
+def _check_same_base(loras: list[LoraFile]) -> str:
+    """The common family; LoraError when families or shared module shapes differ."""
+    family = require_same_family(loras)
+    shapes: dict[str, tuple[LoraFile, LoraModule]] = {}
+    for lora in loras:
+        for name, m in lora.modules.items():
+            if name in shapes:
+                other, om = shapes[name]
+                if (om.d_out, om.d_in) != (m.d_out, m.d_in):
+                    raise LoraError(f"module shape {m.d_out}×{m.d_in} differs from {other.name}'s "
+                                    f"{om.d_out}×{om.d_in}: the LoRAs are for different base models",
+                                    lora.path, name)
+            else:
+                shapes[name] = (lora, m)
+    return family
+
+
+def _plan(loras: list[LoraFile], w: list[float], device: torch.device) -> tuple[list[_Job], list[str]]:
+    """Jobs for every module with a live, weighted source, and the dead ones."""
+    names: dict[str, None] = {}
+    for lora in loras:
+        names.update(dict.fromkeys(lora.modules))
+    entries = [(name, k) for name in names for k, lora in enumerate(loras)
+               if name in lora.modules and w[k] != 0]
+    svds = modules_svd([loras[k].modules[name] for name, k in entries], device=device)
+    live: dict[str, list[_Source]] = {}
+    for (name, k), res in zip(entries, svds):
+        if not res.dead:
+            live.setdefault(name, []).append(_Source(k, w[k], loras[k].modules[name],
+                                                     res.top(res.effective_rank)))
+    jobs, dead = [], []
+    for name in names:
+        if name not in live:
+            dead.append(name)
+            continue
+        present = sum(name in lora.modules for lora in loras)
+        jobs.append(_Job(name, live[name][0].module.weight_shape, live[name], present))
+    return jobs, dead
+
+
+def _assign_ranks(jobs: list[_Job], method: str, rank: int | None) -> None:
+    if method not in RANKED:
+        if rank is not None:
+            raise LoraError(f"the {method} merge is exact at rank Σ r_k; use svd (or karcher) for a "
+                            f"rank-{rank} result")
+        for job in jobs:
+            job.rank = sum(s.module.factor_rank for s in job.sources)
+        return
+    merged = [j for j in jobs if len(j.sources) > 1]
+    if rank is not None:
+        if rank < 1:
+            raise LoraError(f"merge rank must be at least 1, got {rank}")
+        for job in merged:
+            if rank > min(job.d_out, job.d_in):
+                raise LoraError(f"rank {rank} is more than any {job.d_out}×{job.d_in} layer can hold "
+                                f"(at most {min(job.d_out, job.d_in)})", key=job.name)
+    allowed = []
+    for job in jobs:
+        if len(job.sources) == 1:               # copied with its own factors
+            job.rank = job.sources[0].module.factor_rank
+            continue
+        default = min(min(s.module.rank, s.rank) for s in job.sources)
+        limit = {"karcher": min(s.rank for s in job.sources),
+                 "svd": min(sum(s.rank for s in job.sources), job.d_out, job.d_in)
+                 }.get(method, min(job.d_out, job.d_in))
+        allowed.append(limit)
+        job.rank = default if rank is None else min(rank, limit)
+        job.capped = rank is not None and job.rank < rank
+    if rank is not None and merged and rank > max(allowed):
+        why = ("the Karcher mean compares p-dimensional subspaces and every source must span p "
+               "directions" if method == "karcher" else "the weighted sum has no more directions")
+        raise LoraError(f"rank {rank} is more than the sources allow for a {method} merge (at most "
+                        f"{max(allowed)} in any module): {why}")
+
+
+def _merged(up: torch.Tensor, down: torch.Tensor, job: _Job, dtype: torch.dtype, scale: float = 1.0,
+            rank: int | None = None) -> LoraModule:
+    r = int(down.shape[0])
+    return LoraModule(job.name, up.to("cpu", dtype).contiguous(), down.to("cpu", dtype).contiguous(),
+                      scale, rank or r, scale * r, job.shape, "lora", dtype=dtype)
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """up = U·√S, down = √S·Vᵀ: both factors carry half the magnitude (fp16-friendly)."""
+    r = s.clamp_min(0).sqrt().unsqueeze(-2)
+    return u * r, (v * r).transpose(-1, -2)
+
+
+def _target(job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w_k ΔW_k as stacked factors [w_k·U_k·S_k], [V_kᵀ] (exact, effective ranks)."""
+    return (torch.cat([s.weight * s.svd.U * s.svd.S for s in job.sources], 1),
+            torch.cat([s.svd.V.T for s in job.sources], 0))
+
+
+# ------------------------------------------------------------------ methods
+def _linear(job: _Job, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    up = torch.cat([s.weight * s.module.scale * s.module.up.to(dev, torch.float64) for s in job.sources], 1)
+    down = torch.cat([s.module.down.to(dev, torch.float64) for s in job.sources], 0)
+    return up, down
+
+
+def _svd(job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
+    res = svd_from_factors(*_target(job))
+    p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
+    return _split(res.U[:, :p], res.S[:p], res.V[:, :p])
+
+
+def _karcher(group: list[_Job], distance: str, tol: float | None, max_iter: int):
+    """One batch of jobs with equal (d_out, d_in, p, K): means of both sides, then the cores."""
+    p = group[0].rank
+    us = torch.stack([torch.stack([s.svd.U[:, :p] for s in j.sources]) for j in group])
+    vs = torch.stack([torch.stack([s.svd.V[:, :p] for s in j.sources]) for j in group])
+    w = torch.tensor([[s.weight for s in j.sources] for j in group], dtype=us.dtype, device=us.device)
+    ku = karcher_mean(us, w, tol, max_iter, distance)
+    kv = karcher_mean(vs, w, tol, max_iter, distance)
+    out = []
+    for b, job in enumerate(group):
+        u, v = ku.mean[b], kv.mean[b]
+        core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
+        pp, ss, qh = torch.linalg.svd(core)
+        up, down = _split(u @ pp, ss, v @ qh.T)
+        out.append((up, down, {"U": _side(ku, b), "V": _side(kv, b)}))
+    return out
+
+
+def _side(res: KarcherResult, b: int) -> dict:
+    return {"iterations": int(res.iterations[b]), "grad_norm": float(res.grad_norm[b]),
+            "converged": bool(res.converged[b]), "unique": bool(res.unique[b]),
+            "afsari": bool(res.afsari[b]), "radius": float(res.radius[b]),
+            "max_angle_deg": math.degrees(float(res.max_angle[b])),
+            "pairwise_max_angle_deg": math.degrees(float(res.pairwise_max_angle[b])),
+            "pairwise_distance": float(res.pairwise_distance[b])}
+
+
+def ties_threshold(tau: torch.Tensor, density: float) -> float:
+    """Magnitude of τ's k-th largest entry, k = density·n rounded (at least one)."""
+    n = tau.numel()
+    keep = max(1, min(n, int(math.floor(density * n + 0.5))))
+    return float(tau.abs().flatten().kthvalue(n - keep + 1).values)
+
+
+def ties_combine(taus: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
+    """Trim (|τ_k| ≥ its threshold), elect sign(Σ_k trimmed τ_k), disjoint mean."""
+    trimmed = torch.stack([torch.where(t.abs() >= th, t, torch.zeros_like(t)) for t, th in zip(taus, thresholds)])
+    elected = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def dare_combine(taus: list[torch.Tensor], drop: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Σ_k τ_k ⊙ mask_k / (1 − q), mask entries kept with probability 1 − q."""
+    out = torch.zeros_like(taus[0])
+    for t, g in zip(taus, generators):
+        keep = torch.rand(t.shape, generator=g, device=t.device, dtype=t.dtype) >= drop
+        out += torch.where(keep, t, torch.zeros_like(t))
+    return out / (1.0 - drop)
+
+
+def _dense(job: _Job, method: str, density: float, drop: float, seed: int):
+    """ties/dare on ΔW, then its best rank-p approximation. The sources' task
+    vectors are formed CHUNK_ELEMENTS at a time (rows), so memory holds the one
+    dense result and one source for the TIES threshold, never K dense copies."""
+    factors = [(s.weight * s.svd.U * s.svd.S, s.svd.V.T) for s in job.sources]
+    if method == "ties":
+        thresholds = [ties_threshold(a @ b, density) for a, b in factors]
+    dev = factors[0][0].device
+    name_hash = zlib.crc32(job.name.encode())
+    step = max(1, CHUNK_ELEMENTS // job.d_in)
+    dense = torch.empty(job.d_out, job.d_in, dtype=torch.float64, device=dev)
+    for i in range(math.ceil(job.d_out / step)):
+        rows = slice(i * step, (i + 1) * step)
+        taus = [a[rows] @ b for a, b in factors]
+        if method == "ties":
+            dense[rows] = ties_combine(taus, thresholds)
+        else:
+            gens = [torch.Generator(device=dev).manual_seed(
+                (seed * 1_000_003 + name_hash * 7919 + k * 104_729 + i) % (2 ** 63)) for k in range(len(taus))]
+            dense[rows] = dare_combine(taus, drop, gens)
+    u, s, v = top_singular(dense, job.rank, seed)
+    return _split(u, s, v)
+
+
+def top_singular(d: torch.Tensor, p: int, seed: int = 0, rtol: float = 1e-10,
+                 max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-p singular triplets (U, S, V) of a dense matrix.
+
+    Block subspace iteration on DDᵀ with a Rayleigh–Ritz step (an SVD of the
+    small QᵀD) each round, stopped when every residual ‖D v_i − σ_i u_i‖ is
+    below rtol·σ_1 — the triplets of a dense SVD to that accuracy, at O(mn(p+10))
+    a round instead of O(mn·min(m, n)). Small problems, or a spectrum too flat
+    to converge in max_iter rounds, take the full SVD."""
+    m, n = d.shape
+    k = min(p + SUBSPACE_OVERSAMPLING, m, n)
+    if 2 * k < min(m, n):
+        g = torch.Generator(device=d.device).manual_seed(seed)
+        q = torch.linalg.qr(d @ torch.randn(n, k, generator=g, dtype=d.dtype, device=d.device))[0]
+        for _ in range(max_iter):
+            ub, s, vh = torch.linalg.svd(q.T @ d, full_matrices=False)
+            u, v = q @ ub[:, :p], vh[:p].T
+            if float(torch.linalg.vector_norm(d @ v - u * s[:p], dim=0).max()) <= rtol * float(s[0]):
+                return u, s[:p], v
+            q = torch.linalg.qr(d @ (d.T @ q))[0]
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    return u[:, :p], s[:p], vh[:p].T
+
+
+# ------------------------------------------------------------------ fidelity
+def _product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
+    """‖up·down‖_F = ‖R_up·R_downᵀ‖_F: R_up, R_down are the Cholesky factors of the
+    Gram matrices upᵀup and down·downᵀ, taken by QR so no digits are lost to
+    cancellation (the error of an exact merge comes out at rounding level)."""
+    r_up = torch.linalg.qr(up, mode="r")[1]
+    r_down = torch.linalg.qr(down.T, mode="r")[1]
+    return float(torch.linalg.matrix_norm(r_up @ r_down.T))
+
+
+def _fidelity(job: _Job, up: torch.Tensor, down: torch.Tensor, scale: float, group: str,
+              status: str, kstats: dict | None) -> ModuleReport | None:
+    t_up, t_down = _target(job)
+    target = _product_norm(t_up, t_down)
+    error = _product_norm(torch.cat([scale * up, -t_up], 1), torch.cat([down, t_down], 0))
+    merged = svd_from_factors(up, down, scale)
+    if merged.dead:
+        return None
+    merged = merged.top(merged.effective_rank)
+    kept, phis, energy = {}, {}, {}
+    for s in job.sources:
+        proj = ((merged.U.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ merged.V)
+        energy[s.index] = float((s.svd.S ** 2).sum())
+        kept[s.index] = float((proj ** 2).sum()) / energy[s.index]
+        phis[s.index] = float(phi(merged.U, s.svd.U))
+    rel = error / target if target > 0 else (0.0 if error == 0 else None)
+    note = "rank lowered to what the sources allow" if job.capped else ""
+    return ModuleReport(job.name, group, status, [s.index for s in job.sources], int(down.shape[0]),
+                        target, error, rel, energy, kept, phis, kstats, note)
+
+
+# ------------------------------------------------------------------ entry point
+def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: int | None = None,
+          dtype: torch.dtype = torch.float32, seed: int = 0, ties_density: float = 0.2,
+          dare_drop: float = 0.5, naming: str = "first", distance: str = "geodesic",
+          device: torch.device | str | None = None, batched: bool | None = None,
+          threads: int | None = 1, tol: float | None = None, max_iter: int = 50) -> MergeResult:
+    """Merge LoRAs of one base model into one LoRA; see the module docstring.
+
+    dtype: factor dtype of the result (computation is float64). ties_density:
+    fraction of each task vector TIES keeps (paper default 0.2). dare_drop: DARE
+    drop probability q (0.5: the papers' 0.9 was for full fine-tune deltas).
+    naming: "first" writes keys spelled as in the first source when it is a
+    kohya/LyCORIS file, else kohya names (ComfyUI maps both); "kohya" always
+    kohya. distance: "geodesic" (Karcher mean) or "chordal" (extrinsic mean).
+    device: default core.device.default_device(). batched: stack modules of
+    equal shape for the Karcher means (default: on CUDA only; a plain loop
+    measured faster on the CPU). threads: CPU intra-op threads during the merge
+    (restored after; None leaves torch's setting). tol, max_iter: Karcher stop.
+    """
+    if method not in METHODS:
+        raise LoraError(f"unknown merge method '{method}' (choose from {', '.join(METHODS)})")
+    if naming not in NAMINGS:
+        raise LoraError(f"unknown naming '{naming}' (choose from {', '.join(NAMINGS)})")
+    if distance not in DISTANCES:
+        raise LoraError(f"no Karcher mean offered for distance '{distance}' (supported: {', '.join(DISTANCES)})")
+    if not loras:
+        raise LoraError("no LoRAs to merge")
+    if method == "ties" and not 0 < ties_density <= 1:
+        raise LoraError(f"ties density must be in (0, 1], got {ties_density}")
+    if method == "dare" and not 0 <= dare_drop < 1:
+        raise LoraError(f"dare drop probability must be in [0, 1), got {dare_drop}")
+    w = _check_weights(loras, weights, method)
+    family = _check_same_base(loras)
+    dev = torch.device(device) if device is not None else default_device()
+    if batched is None:
+        batched = dev.type == "cuda"
+    with linalg_threads(threads if dev.type == "cpu" else None):
+        jobs, dead = _plan(loras, w, dev)
+        if not jobs:
+            raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
+        _assign_ranks(jobs, method, rank)
+        results = _run(jobs, method, w, distance, tol, max_iter, batched, ties_density, dare_drop, seed, dev)
+        report = MergeReport(method, w, rank, family, [lora.name for lora in loras],
+                             distance if method == "karcher" else None, skipped={"dead": dead} if dead else {})
+        out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
+        groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
+        cancelled = []
+        for job in jobs:
+            up, down, scale, kstats = results[job.name]
+            status = ("copied" if len(job.sources) == 1 else
+                      "merged" if len(job.sources) == len(loras) else "partial")
+            mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats)
+            if mod is None:
+                cancelled.append(job.name)
+                continue
+            report.modules.append(mod)
+            out.modules[job.name] = _merged(up, down, job, dtype, scale,
+                                            job.sources[0].module.rank if status == "copied" else None)
+            if job.capped:
+                report.capped.append(job.name)
+    if cancelled:
+        report.skipped["cancelled"] = cancelled
+    _warn(report)
+    key_names = _first_naming(loras[0], out) if naming == "first" else {}
+    if naming == "first" and loras[0].format not in KOHYA_LIKE:
+        report.warnings.append(f"{loras[0].name} is a {loras[0].format} file; keys are written with "
+                               "kohya names, which ComfyUI maps the same way")
+    out.metadata[RECIPE_KEY] = json.dumps(_recipe(loras, report, method, rank, seed, ties_density, dare_drop))
+    return MergeResult(out, report, key_names)
+
+
+def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev) -> dict:
+    """name -> (up, down, scale, karcher stats) on the compute device, float64."""
+    results: dict[str, tuple] = {}
+    karcher_jobs = []
+    for job in jobs:
+        if len(job.sources) == 1:                      # only one source: its own factors, weighted
+            s = job.sources[0]
+            results[job.name] = (s.module.up.to(dev, torch.float64), s.module.down.to(dev, torch.float64),
+                                 s.weight * s.module.scale, None)
+        elif method in ("linear", "concat"):
+            results[job.name] = (*_linear(job, dev), 1.0, None)
+        elif method == "svd":
+            results[job.name] = (*_svd(job), 1.0, None)
+        elif method in ("ties", "dare"):
+            results[job.name] = (*_dense(job, method, density, drop, seed), 1.0, None)
+        else:
+            karcher_jobs.append(job)
+    batches: dict[tuple, list[_Job]] = {}
+    for i, job in enumerate(karcher_jobs):
+        key = (job.d_out, job.d_in, job.rank, len(job.sources)) if batched else (i,)
+        batches.setdefault(key, []).append(job)
+    for group in batches.values():
+        for job, (up, down, stats) in zip(group, _karcher(group, distance, tol, max_iter)):
+            results[job.name] = (up, down, 1.0, stats)
+    return results
+
+
+def _warn(report: MergeReport) -> None:
+    if report.method == "karcher":
+        bad = [m for m in report.modules if m.karcher and not all(s["unique"] for s in m.karcher.values())]
+        if bad:
+            worst = max(max(s["max_angle_deg"] for s in m.karcher.values()) for m in bad)
+            report.warnings.append(
+                f"Karcher mean not unique in {len(bad)} of {len(report.modules)} module(s): sources lie up "
+                f"to {worst:.0f}° (principal angle) from the mean, beyond the π/4 = 45° ball where it is "
+                f"unique (Afsari 2011); deterministic choice: {DETERMINISTIC_CHOICE}")
+        slow = [m for m in report.modules if m.karcher and not all(s["converged"] for s in m.karcher.values())]
+        if slow:
+            grad = max(s["grad_norm"] for m in slow for s in m.karcher.values())
+            report.warnings.append(f"Karcher iteration stopped before the gradient tolerance in {len(slow)} "
+                                   f"module(s) (largest gradient norm {grad:.1e} rad)")
+    if "cancelled" in report.skipped:
+        report.warnings.append(f"{len(report.skipped['cancelled'])} module(s) cancel to zero and were left out")
+
+
+def _first_naming(first: LoraFile, out: LoraFile) -> dict[str, str]:
+    """canonical name -> key stem the first source used, for kohya-like files."""
+    if first.format not in KOHYA_LIKE:
+        return {}
+    stems = {}
+    for name in out.modules:
+        m = first.modules.get(name)
+        if m is not None and m.source_keys:
+            stems[name] = m.source_keys[0].split(".", 1)[0]
+    return stems
+
+
+def file_sha256(path: str) -> str | None:
+    if not path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _recipe(loras, report: MergeReport, method, rank, seed, density, drop) -> dict:
+    s = report.summary()
+    recipe = {"tool": f"grassmann-lora {__version__}", "method": method, "weights": report.weights,
+              "rank": rank, "sources": [{"name": lora.name, "sha256": file_sha256(lora.path)} for lora in loras],
+              "fidelity": {k: s[k] for k in ("rel_error", "rel_error_max", "kept", "phi", "status", "skipped")}}
+    if method == "karcher":
+        recipe["distance"] = report.distance
+        recipe["fidelity"]["karcher"] = s.get("karcher")
+    if method == "ties":
+        recipe["ties_density"] = density
+    if method == "dare":
+        recipe.update(dare_drop=drop, seed=seed)
+    return recipe
+
+
+__all__ = ["METHODS", "NAMINGS", "RECIPE_KEY", "MergeReport", "MergeResult", "ModuleReport", "merge",
+           "ties_threshold", "ties_combine", "dare_combine", "file_sha256"]
