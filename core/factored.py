@@ -44,13 +44,24 @@ class FactoredSVD:
         return float(torch.linalg.vector_norm(self.S))
 
 
+def factor_qr(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float64
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin QRs up = Q_up·R_up and downᵀ = Q_dn·R_dn (batched-capable).
+
+    ΔW = s·Q_up·(R_up R_dnᵀ)·Q_dnᵀ, so span(Q_up) / span(Q_dn) are ΔW's column /
+    row spaces whenever the small core R_up R_dnᵀ is invertible: callers that
+    only need those spans (not ordered singular vectors) can skip the
+    d×R·R×R products of svd_from_factors.
+    """
+    q_up, r_up = torch.linalg.qr(up.to(dtype))                    # d_out×k1, k1×R
+    q_dn, r_dn = torch.linalg.qr(down.to(dtype).transpose(-1, -2))  # d_in×k2, k2×R
+    return q_up, r_up, q_dn, r_dn
+
+
 def svd_from_factors(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0,
                      dtype: torch.dtype = torch.float64) -> FactoredSVD:
     """Exact thin SVD of scale·up@down. Works batched: up (...,d_out,R), down (...,R,d_in)."""
-    up = up.to(dtype)
-    down = down.to(dtype)
-    q_up, r_up = torch.linalg.qr(up)                    # d_out×k1, k1×R
-    q_dn, r_dn = torch.linalg.qr(down.transpose(-1, -2))  # d_in×k2, k2×R
+    q_up, r_up, q_dn, r_dn = factor_qr(up, down, dtype)
     core = scale * (r_up @ r_dn.transpose(-1, -2))       # k1×k2
     p, s, qh = torch.linalg.svd(core, full_matrices=False)
     return FactoredSVD(q_up @ p, s, q_dn @ qh.transpose(-1, -2))

@@ -23,11 +23,19 @@ def principal_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(x.transpose(-1, -2) @ y).clamp(0.0, 1.0)
 
 
+# Above this angle arccos(cos θ) is accurate (its error ε/sin θ is under
+# ~10ε relative), so the sine SVD, as costly as a thin QR, is skipped when
+# every angle is at least this large: the usual case for unrelated LoRAs.
+ARCCOS_SAFE_ANGLE = 0.3
+
+
 def principal_angles(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """θ in [0, π/2], ascending, accurate for small and large angles alike."""
     small, large = _order(x, y)
     m = large.transpose(-1, -2) @ small                      # l×k
     cos = torch.linalg.svdvals(m).clamp(0.0, 1.0)            # descending
+    if cos.numel() == 0 or bool((cos <= math.cos(ARCCOS_SAFE_ANGLE)).all()):
+        return torch.arccos(cos)
     resid = small - large @ m                                 # d×k, singular values = sin θ
     sin = torch.linalg.svdvals(resid).clamp(0.0, 1.0).flip(-1)  # ascending
     return torch.atan2(sin, cos).clamp(0.0, math.pi / 2)

@@ -44,6 +44,7 @@ Different ranks k ≠ l. Two conventions, both here:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,75 +102,101 @@ def chance_grid(k: int, l: int, d: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- distances
-def _empty_safe_max(theta: torch.Tensor) -> torch.Tensor:
-    if theta.shape[-1] == 0:
-        return theta.new_zeros(theta.shape[:-1])
-    return theta.amax(-1)
-
-
 def log_cos(theta: torch.Tensor) -> torch.Tensor:
     """log cos θ, accurate at both ends: ½·log1p(−sin²θ) for small θ (where
-    cos θ rounds to 1), log cos θ for large θ; −inf at exactly π/2."""
-    small = theta < math.pi / 4
-    s = torch.sin(torch.where(small, theta, torch.zeros_like(theta)))
-    near = 0.5 * torch.log1p(-s * s)
-    c = torch.cos(torch.where(small, torch.full_like(theta, HALF_PI / 2), theta))
-    far = torch.where(theta >= HALF_PI, torch.full_like(theta, -math.inf), torch.log(c))
-    return torch.where(small, near, far)
+    cos θ rounds to 1), log cos θ for large θ; −inf from π/2 on."""
+    s = torch.sin(theta)
+    value = torch.where(theta < math.pi / 4, 0.5 * torch.log1p(-s * s), torch.log(torch.cos(theta).abs()))
+    return torch.where(theta >= HALF_PI, -math.inf, value)
 
 
-def geodesic(theta: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(theta, dim=-1)
+class _Angles:
+    """θ plus the quantities several distances share, each computed once."""
+
+    def __init__(self, theta: torch.Tensor):
+        self.theta = theta
+
+    @functools.cached_property
+    def sin(self) -> torch.Tensor:
+        return torch.sin(self.theta)
+
+    @functools.cached_property
+    def sum_log_cos(self) -> torch.Tensor:           # log Π cos θ
+        return log_cos(self.theta).sum(-1)
+
+    @functools.cached_property
+    def max(self) -> torch.Tensor:
+        if self.theta.shape[-1] == 0:
+            return self.theta.new_zeros(self.theta.shape[:-1])
+        return self.theta.amax(-1)
+
+    @functools.cached_property
+    def binet_cauchy(self) -> torch.Tensor:          # √(1 − Π cos²θ) = √(−expm1(2 log Π cos θ))
+        return torch.sqrt((-torch.expm1(2.0 * self.sum_log_cos)).clamp_min(0.0))
 
 
-def chordal(theta: torch.Tensor) -> torch.Tensor:
-    """√Σsin²θ (UQpy: "projection"; not sin θ_max, which some libraries call projection)."""
-    return torch.linalg.vector_norm(torch.sin(theta), dim=-1)
-
-
-def binet_cauchy(theta: torch.Tensor) -> torch.Tensor:
-    """√(1 − Πcos²θ) = √(−expm1(2 Σ log cos θ))."""
-    return torch.sqrt((-torch.expm1(2.0 * log_cos(theta).sum(-1))).clamp_min(0.0))
-
-
-def fubini_study(theta: torch.Tensor) -> torch.Tensor:
-    """arccos(Πcos θ), as atan2(√(1 − Π²), Π) so that small angles keep their digits."""
-    return torch.atan2(binet_cauchy(theta), torch.exp(log_cos(theta).sum(-1)))
-
-
-def asimov(theta: torch.Tensor) -> torch.Tensor:
-    return _empty_safe_max(theta)
-
-
-def martin(theta: torch.Tensor) -> torch.Tensor:
-    """√(−2 Σ log cos θ); +inf when some θ = π/2 exactly (never via Π 1/cos², which overflows)."""
-    return torch.sqrt((-2.0 * log_cos(theta).sum(-1)).clamp_min(0.0))
-
-
-def procrustes(theta: torch.Tensor) -> torch.Tensor:
-    return 2.0 * torch.linalg.vector_norm(torch.sin(theta / 2), dim=-1)
-
-
-def spectral(theta: torch.Tensor) -> torch.Tensor:
-    return 2.0 * torch.sin(_empty_safe_max(theta) / 2)
-
-
-_DISTANCE_FNS = {"geodesic": geodesic, "chordal": chordal, "binet_cauchy": binet_cauchy,
-                 "fubini_study": fubini_study, "asimov": asimov, "martin": martin,
-                 "procrustes": procrustes, "spectral": spectral}
+_FORMULAS = {
+    "geodesic": lambda a: torch.linalg.vector_norm(a.theta, dim=-1),
+    # UQpy's "projection"; not sin θ_max, which other libraries call projection
+    "chordal": lambda a: torch.linalg.vector_norm(a.sin, dim=-1),
+    "binet_cauchy": lambda a: a.binet_cauchy,
+    # arccos(Π cos θ) as atan2(√(1 − Π²), Π): small angles keep their digits
+    "fubini_study": lambda a: torch.atan2(a.binet_cauchy, torch.exp(a.sum_log_cos)),
+    "asimov": lambda a: a.max,
+    # √(−2 Σ log cos θ), +inf at a right angle; never via Π 1/cos², which overflows
+    "martin": lambda a: torch.sqrt((-2.0 * a.sum_log_cos).clamp_min(0.0)),
+    "procrustes": lambda a: 2.0 * torch.linalg.vector_norm(torch.sin(a.theta / 2), dim=-1),
+    "spectral": lambda a: 2.0 * torch.sin(a.max / 2),
+}
 
 
 def distance(name: str, theta: torch.Tensor) -> torch.Tensor:
     """One distance by name (see DISTANCES) over the common-dimension angles θ."""
-    try:
-        return _DISTANCE_FNS[name](theta)
-    except KeyError:
-        raise ValueError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}") from None
+    if name not in _FORMULAS:
+        raise ValueError(f"unknown distance {name!r}; choose from {', '.join(DISTANCES)}")
+    return _FORMULAS[name](_Angles(theta))
 
 
 def distances(theta: torch.Tensor, names: tuple[str, ...] = DISTANCES) -> dict[str, torch.Tensor]:
-    """{name: distance} from principal angles θ (…, min(k, l)), batched."""
-    return {n: distance(n, theta) for n in names}
+    """{name: distance} from principal angles θ (…, min(k, l)), batched; shared
+    pieces (Σ log cos θ, sin θ, max θ) are computed once."""
+    angles = _Angles(theta)
+    for n in names:
+        if n not in _FORMULAS:
+            raise ValueError(f"unknown distance {n!r}; choose from {', '.join(DISTANCES)}")
+    return {n: _FORMULAS[n](angles) for n in names}
+
+
+def geodesic(theta: torch.Tensor) -> torch.Tensor:
+    return distance("geodesic", theta)
+
+
+def chordal(theta: torch.Tensor) -> torch.Tensor:
+    return distance("chordal", theta)
+
+
+def binet_cauchy(theta: torch.Tensor) -> torch.Tensor:
+    return distance("binet_cauchy", theta)
+
+
+def fubini_study(theta: torch.Tensor) -> torch.Tensor:
+    return distance("fubini_study", theta)
+
+
+def asimov(theta: torch.Tensor) -> torch.Tensor:
+    return distance("asimov", theta)
+
+
+def martin(theta: torch.Tensor) -> torch.Tensor:
+    return distance("martin", theta)
+
+
+def procrustes(theta: torch.Tensor) -> torch.Tensor:
+    return distance("procrustes", theta)
+
+
+def spectral(theta: torch.Tensor) -> torch.Tensor:
+    return distance("spectral", theta)
 
 
 def cross_rank_geodesic(theta: torch.Tensor, k: int, l: int) -> torch.Tensor:

@@ -27,11 +27,11 @@ import torch
 
 from .device import linalg_threads
 from .errors import LoraError
-from .factored import FactoredSVD, module_svd
+from .factored import FactoredSVD, factor_qr, module_svd
 from .grassmann import principal_angles
 from .lora import LoraFile, module_part
 from .measures import DISTANCES, HALF_PI, chance_grid, chance_phi, cross_rank_geodesic, distances, \
-    phi, phi_grid
+    phi_from_cosines, phi_grid
 from .save import atomic_write
 from .sdarch import arch_for
 
@@ -380,6 +380,30 @@ def _basis(svd: FactoredSVD, side: str, p: int) -> torch.Tensor:
     return (svd.U if side == "out" else svd.V)[:, :p]
 
 
+def _module_spaces(m, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], FactoredSVD]:
+    """((Q_up, Q_dn), SVD of the small core s·R_up·R_dnᵀ) for one module.
+
+    The core's SVD (P, S, Q) gives ΔW's singular values (dead / effective rank /
+    ‖ΔW‖_F) and, when a comparison needs ordered singular vectors, U = Q_up·P
+    and V = Q_dn·Q (exactly what module_svd returns)."""
+    q_up, r_up, q_dn, r_dn = factor_qr(m.up.to(device), m.down.to(device), torch.float64)
+    p, s, qh = torch.linalg.svd(m.scale * (r_up @ r_dn.transpose(-1, -2)), full_matrices=False)
+    return (q_up, q_dn), FactoredSVD(p, s, qh.transpose(-1, -2))
+
+
+def _span_basis(spaces: tuple[torch.Tensor, torch.Tensor], core: FactoredSVD, side: str,
+                p: int) -> torch.Tensor:
+    """Orthonormal basis of the span of ΔW's top-p singular vectors on one side.
+    When p covers all of Q's columns the core is invertible and span(Q·P) =
+    span(Q): Q itself serves, skipping a d×R·R×R product (angles and φ depend
+    only on the span)."""
+    q = spaces[0] if side == "out" else spaces[1]
+    vectors = core.U if side == "out" else core.V
+    if p == q.shape[-1] == vectors.shape[-1]:
+        return q
+    return q @ vectors[:, :p]
+
+
 def _depth_order(family: str, names: list[str]) -> dict[str, int]:
     try:
         order = arch_for(family).order
@@ -437,11 +461,11 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
 def _compare_module(report: SimilarityReport, name: str, sides: tuple[str, ...], top: int | None,
                     group: str, depth: int, device: torch.device) -> list[ModuleResult]:
     ma, mb = report.a.modules[name], report.b.modules[name]
-    # One factored SVD per module and file serves both sides. It is not kept:
+    # One factorisation per module and file serves both sides. It is not kept:
     # bases of a whole SDXL LoRA would take gigabytes; phi_grid() re-derives
     # (and caches) the few it is asked for.
-    svd_a = module_svd(ma, torch.float64, device)
-    svd_b = module_svd(mb, torch.float64, device)
+    spaces_a, svd_a = _module_spaces(ma, device)
+    spaces_b, svd_b = _module_spaces(mb, device)
     ra, rb = svd_a.effective_rank, svd_b.effective_rank
     if top is not None:
         ra, rb = min(ra, top), min(rb, top)
@@ -453,13 +477,15 @@ def _compare_module(report: SimilarityReport, name: str, sides: tuple[str, ...],
                          rank_a=ra, rank_b=rb, nominal_rank_a=ma.factor_rank, nominal_rank_b=mb.factor_rank,
                          norm_a=svd_a.frobenius(), norm_b=svd_b.frobenius(), depth=depth, dead_in=dead_in)
         if not dead_in:
-            x, y = _basis(svd_a, side, ra), _basis(svd_b, side, rb)
+            x, y = _span_basis(spaces_a, svd_a, side, ra), _span_basis(spaces_b, svd_b, side, rb)
             theta = principal_angles(x, y)
-            r.phi = float(phi(x, y))
-            r.chance = chance_phi(ra, rb, d)
-            r.angles_deg = [float(t) for t in torch.rad2deg(theta).cpu()]
             dist = distances(theta)
             dist["geodesic_cross_rank"] = cross_rank_geodesic(theta, ra, rb)
-            r.distances = {k: float(v) for k, v in dist.items()}
+            dist["phi"] = phi_from_cosines(torch.cos(theta))     # Σcos²θ = ‖XᵀY‖²_F
+            values = torch.stack(list(dist.values())).tolist()   # one device→host copy
+            r.distances = dict(zip(dist, values))
+            r.phi = r.distances.pop("phi")
+            r.chance = chance_phi(ra, rb, d)
+            r.angles_deg = torch.rad2deg(theta).tolist()
         out.append(r)
     return out

@@ -314,3 +314,21 @@ def test_pushing_apart_reduces_phi():
         opt.step()
     assert all(later <= earlier + 1e-12 for earlier, later in zip(history, history[1:]))
     assert history[-1] < history[0] - 0.3
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.05, 0.2, 0.5, 3.0])
+def test_principal_angles_fast_path_stays_accurate(eps):
+    # Angles all above ARCCOS_SAFE_ANGLE take the arccos-only path; mixed and small ones the
+    # sine path. Either way they match scipy to near machine precision (relative for small ones).
+    g = torch.Generator().manual_seed(int(eps * 1e6) % 1000)
+    x = orthonormal(200, 16, g)
+    y = near(x, eps, g)
+    ref = scipy_angles(x, y)
+    ours = principal_angles(x, y).numpy()
+    assert np.allclose(ours, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_principal_angles_arccos_path_on_known_angles():
+    theta = [0.31, 0.7, 1.2, math.pi / 2 - 1e-9]
+    x, y = with_angles(theta, 10)
+    assert np.allclose(principal_angles(x, y).numpy(), theta, rtol=1e-13, atol=1e-15)
