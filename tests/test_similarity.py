@@ -392,3 +392,17 @@ def test_real_dead_modules(real_loras_dir, load_lora):
     dead = [r.module for r in rep.results if not r.live]
     assert sorted(dead) == sorted(f"lora_unet_down_blocks_0_resnets_0_{x}" for x in ("conv1", "conv2", "time_emb_proj"))
     assert all(r.dead_in == "both" for r in rep.results if not r.live)
+
+
+def test_cli_on_real_files(real_loras_dir, load_lora, tmp_path, capsys):
+    from core import cli
+    a = str(real_loras_dir / "catundchat__pytorch_lora_weights.safetensors")
+    b = str(real_loras_dir / "cloneofsimo__analog_svd_rank4_sd15.safetensors")
+    rc = cli.main(["similarity", a, b, "--top", "2", "--json", str(tmp_path / "r.json")])
+    assert rc == 0 and "× chance" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["a"]["format"] != doc["b"]["format"] and len(doc["modules"]) == 128
+    assert all(m["rank_a"] == 2 for m in doc["modules"])
+    sd2 = str(real_loras_dir / "cloneofsimo__lora_pop_sd2.pt")
+    assert cli.main(["similarity", a, sd2]) == 2            # different base models: one-line error
+    assert "SD2" in capsys.readouterr().err
