@@ -1,8 +1,18 @@
 """Reference ΔW formulas (ComfyUI's own, dense, float64) and the dense-SVD check
 that factored results are held to. Independent of core.formats."""
+import pytest
 import torch
 
+from core.device import linalg_threads
 from core.grassmann import principal_angles
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module: dense reference SVDs and small factor ops run
+    10-100× slower with 2 threads on a busy 2-core machine."""
+    with linalg_threads(1):
+        yield
 
 
 def comfy_lora_delta(up, down, alpha=None, mid=None):

@@ -10,20 +10,15 @@ import torch
 from safetensors import safe_open
 
 from core import cli
-from core.device import linalg_threads
 from core.formats import load_lora
 from core.save import save_kohya
 from core.sdarch import arch_for
 from core.synthetic import random_lora
+from tests.lora_reference import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg_threads(1):
-        yield
 
 
 def convert(src, dst, *extra):

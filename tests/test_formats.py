@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.device import linalg_threads
 from core.errors import LoraError
 from core.family import detect_family, explain_family, family_from_metadata
 from core.formats import FORMATS, canonical_name, load_lora, open_lora, require_same_family
@@ -19,16 +18,11 @@ from core.lora import LoraFile
 from core.save import save_kohya
 from core.sdarch import arch_for
 from core.synthetic import random_lora
-from tests.lora_reference import comfy_lora_delta
+from tests.lora_reference import comfy_lora_delta, one_thread  # noqa: F401 (autouse fixture)
 
 DIFFUSERS_ROOTS = ("down_blocks", "up_blocks", "mid_block")
 LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg_threads(1):
-        yield
 
 
 def spellings(family):

@@ -2,19 +2,13 @@
 import json
 
 import pytest
-import torch
 
 from core import cli
-from core.device import linalg_threads
 from core.factored import dense_svd
 from core.save import save_kohya
 from core.synthetic import random_lora
+from tests.lora_reference import one_thread  # noqa: F401 (autouse fixture)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg_threads(1):
-        yield
 
 
 def run_json(capsys, *args):

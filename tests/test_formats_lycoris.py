@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.device import linalg_threads
 from core.factored import module_svd
 from core.formats import load_lora
 from core.sdarch import arch_for
-from tests.lora_reference import assert_svd_matches_dense, comfy_loha_delta, comfy_lokr_delta
+from tests.lora_reference import (assert_svd_matches_dense, comfy_loha_delta, comfy_lokr_delta,  # noqa: F401
+                                  one_thread)
 
 SD1 = arch_for("sd1")
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"      # 320×768
@@ -91,12 +91,6 @@ def cases():
 
 REFERENCE = {"loha": comfy_loha_delta, "lokr": comfy_lokr_delta}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Dense reference SVDs are 10-100× slower with 2 threads on a busy 2-core machine."""
-    with linalg_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 and every module's factored SVD against ΔW formed straight from the file's
 raw tensors (ComfyUI's formulas, tests/lora_reference.py)."""
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from core.device import linalg_threads
 from core.factored import module_svd
 from core.formats import load_lora
 from core.sdarch import arch_for
-from tests.lora_reference import (assert_is_svd_of, assert_svd_matches_dense, comfy_lokr_delta,
-                                  comfy_lora_delta, lokr_apply)
+from tests.lora_reference import (assert_is_svd_of, assert_svd_matches_dense, comfy_lokr_delta,  # noqa: F401
+                                  comfy_lora_delta, lokr_apply, one_thread)
 
 # file -> (format, family, parts, ranks, alphas, dead, extras, dtype)
 EXPECTED = {
@@ -37,11 +36,6 @@ EXPECTED = {
 LOKR_DEAD = {"lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_resnets_0_conv2",
              "lora_unet_down_blocks_0_resnets_0_time_emb_proj"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

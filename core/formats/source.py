@@ -22,7 +22,8 @@ from ..lora import check_finite
 _ZIP_MAGIC = b"PK\x03\x04"
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+              "I64": torch.int64, "I32": torch.int32,
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
@@ -66,6 +67,8 @@ class TensorSource:
         except Exception as exc:  # corrupt data region, I/O error
             raise LoraError(f"cannot read tensor: {_first_line(exc)}", self.path, key) from None
         if t.is_floating_point():
+            if t.element_size() == 1:  # float8: torch has no isfinite for it
+                t = t.float()
             check_finite(self.path, key, t)
         return t
 
