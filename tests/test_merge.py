@@ -449,3 +449,30 @@ def test_real_sd15_and_sd2_files_merge_every_way(real_loras_dir):
            ("cloneofsimo__lora_illust_sd2.pt", "cloneofsimo__lora_pop_sd2.pt")]
     res = merge(sd2, [1.0, 1.0], method="svd")
     assert len(res.report.skipped["dead"]) == 32       # to_out.0 is dead in both files
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_merge_writes_lora_and_report(tmp_path, capsys):
+    pytest.importorskip("core.formats")
+    from core.cli import main
+    paths = [save_kohya(lora(s), str(tmp_path / f"s{s}.safetensors")) for s in (1, 2, 3)]
+    out, rep = str(tmp_path / "m.safetensors"), str(tmp_path / "m.json")
+    code = main(["merge", *paths, "--method", "svd", "--weights", "0.5", "0.3", "0.2", "--rank", "3",
+                 "--dtype", "fp32", "-o", out, "--report", rep])
+    text = capsys.readouterr().out
+    assert code == 0 and "rel.err" in text and "wrote" in text
+    report = json.load(open(rep))
+    assert report["method"] == "svd" and report["weights"] == [0.5, 0.3, 0.2] and len(report["modules"]) == 5
+    deltas, meta, _ = reconstruct(out)
+    srcs = [lora(s) for s in (1, 2, 3)]
+    for name, d in deltas.items():
+        t = target(srcs, [0.5, 0.3, 0.2], name)
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        assert rel(d, (u[:, :3] * s[:3]) @ vh[:3]) < 1e-5
+    assert json.loads(meta[RECIPE_KEY])["rank"] == 3
+    # existing output, wrong weight count: one-line errors, exit 2
+    assert main(["merge", *paths[:2], "-o", out]) == 2
+    assert main(["merge", *paths, "--weights", "1", "1", "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert main(["merge", *paths[:2], "-o", out, "--overwrite", "--method", "karcher"]) == 0

@@ -1,0 +1,67 @@
+"""`python -m core merge A B [C …] -o OUT`: merge LoRAs into one loadable LoRA."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import LoraError
+from ..save import DTYPES, atomic_write
+
+HELP = ("Merge LoRAs of one base model into one kohya LoRA: Karcher mean of their subspaces on "
+        "the Grassmann manifold, or linear/concat, svd, ties, dare; prints a fidelity table.")
+
+
+def add_arguments(parser) -> None:
+    from ..karcher import DISTANCES
+    from ..merge import METHODS, NAMINGS
+
+    parser.add_argument("sources", nargs="+", metavar="LORA", help="two or more LoRA files (any format)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
+    parser.add_argument("--method", choices=METHODS, default="karcher",
+                        help="karcher (default): Grassmann Karcher mean; linear/concat: exact weighted "
+                             "sum (rank adds up); svd: best rank-r approximation of the sum; ties, dare")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+                        help="one weight per LoRA (1 = full strength; default 1/N each)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="merge rank (default: the smallest source rank per module; not for linear)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="factor dtype written")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT (and the report) if present")
+    parser.add_argument("--report", metavar="FILE.json", help="write the full fidelity report as JSON")
+    parser.add_argument("--naming", choices=NAMINGS, default="first",
+                        help="key spelling: the first source's (kohya/LyCORIS files) or kohya")
+    parser.add_argument("--distance", choices=DISTANCES, default="geodesic",
+                        help="karcher only: geodesic (Karcher mean) or chordal (extrinsic mean)")
+    parser.add_argument("--max-iter", type=int, default=50, help="karcher: most gradient evaluations a side")
+    parser.add_argument("--ties-density", type=float, default=0.2, help="ties: fraction of entries kept")
+    parser.add_argument("--dare-drop", type=float, default=0.5, help="dare: drop probability")
+    parser.add_argument("--seed", type=int, default=0, help="dare: random seed")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+
+
+def run(args) -> int:
+    from ..formats import load_lora
+    from ..merge import merge
+
+    if len(args.sources) < 2:
+        raise LoraError("merge needs at least two LoRAs")
+    for src in args.sources:
+        if os.path.exists(src) and os.path.exists(args.output) and os.path.samefile(src, args.output):
+            raise LoraError("output is one of the inputs; write to a new file", args.output)
+    if args.report and os.path.exists(args.report) and not args.overwrite:
+        raise LoraError("file exists; pass --overwrite to replace it", args.report)
+    loras = [load_lora(path) for path in args.sources]
+    result = merge(loras, args.weights, method=args.method, rank=args.rank, dtype=DTYPES[args.dtype],
+                   seed=args.seed, ties_density=args.ties_density, dare_drop=args.dare_drop,
+                   naming=args.naming, distance=args.distance, device=args.device, max_iter=args.max_iter)
+    print(result.report.table())
+    path = result.save(args.output, overwrite=args.overwrite)
+    print(f"\nwrote {path}: {len(result.lora.modules)} modules, {result.lora.family_label}, {args.dtype}")
+    if args.report:
+        text = json.dumps(result.report.to_dict(), indent=1)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        atomic_write(args.report, write, ".json", args.overwrite)
+        print(f"report: {args.report}")
+    return 0
