@@ -259,6 +259,14 @@ def test_negative_eigenvalues_are_reported_for_an_indefinite_kernel():
     forced = cluster_kernel_matrix(km, "kernel-kmeans", k=3, force=True)
     assert "smallest" in forced.warnings[0]
     assert compute_kernel_matrix(loras, "bc2-poly", device="cpu").min_eigenvalue > -1e-8 * 12 * 4
+    # logarithm kernels: zero diagonal, so the matrix always has negative eigenvalues;
+    # what counts is the centred matrix: negative for |det| (not CPD), not for det²
+    bc_log = compute_kernel_matrix(loras, "bc-log", device="cpu")
+    bc2_log = compute_kernel_matrix(loras, "bc2-log", device="cpu")
+    assert bc_log.min_eigenvalue < 0 and bc2_log.min_eigenvalue < 0
+    assert bc_log.centred_min_eigenvalue < -0.1 and len(bc_log.negative_eigenvalues()) > 0
+    assert bc2_log.centred_min_eigenvalue >= -bc2_log.tolerance()
+    assert len(bc2_log.negative_eigenvalues()) == 0 and not any("negative" in w for w in bc2_log.warnings)
 
 
 def test_progress_and_cancel(library):
@@ -343,3 +351,13 @@ def test_cli_on_saved_files(tmp_path, capsys):
     assert "not a positive-definite kernel" in capsys.readouterr().err
     assert main(["kernel", str(tmp_path), "--kernel", "bc-binomial", "--beta", "1"]) == 2
     assert main(["kernel", str(tmp_path), "--dbscan", "0.8", "2"]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(library):
+    loras, _, stats = library
+    gpu = pair_statistics(loras, "both", binet_cauchy=True, device="cuda")
+    for name in ("projection-rbf", "bc2-poly"):
+        kern = make_kernel(name, **valid_params(name, 5))
+        assert np.allclose(kernel_matrix_from_statistics(gpu, kern).matrix,
+                           kernel_matrix_from_statistics(stats["both"], kern).matrix, rtol=1e-9)
