@@ -257,6 +257,14 @@ class _Job:
     present: int               # sources that have the module at all
     rank: int = 0
     capped: bool = False
+    _target: FactoredSVD | None = None
+
+    @property
+    def target(self) -> FactoredSVD:
+        """Exact thin SVD of Σ w_k ΔW_k (one QR pair of the stacked factors)."""
+        if self._target is None:
+            self._target = svd_from_factors(*_target(self))
+        return self._target
 
     @property
     def d_out(self) -> int:
@@ -388,7 +396,7 @@ def _linear(job: _Job, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _svd(job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
-    res = svd_from_factors(*_target(job))
+    res = job.target
     p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
     return _split(res.U[:, :p], res.S[:p], res.V[:, :p])
 
@@ -493,20 +501,33 @@ def top_singular(d: torch.Tensor, p: int, seed: int = 0, rtol: float = 1e-10,
 
 
 # ------------------------------------------------------------------ fidelity
-def _product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
-    """‖up·down‖_F = ‖R_up·R_downᵀ‖_F: R_up, R_down are the Cholesky factors of the
-    Gram matrices upᵀup and down·downᵀ, taken by QR so no digits are lost to
-    cancellation (the error of an exact merge comes out at rounding level)."""
-    r_up = torch.linalg.qr(up, mode="r")[1]
-    r_down = torch.linalg.qr(down.T, mode="r")[1]
-    return float(torch.linalg.matrix_norm(r_up @ r_down.T))
+def _split_off(basis: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x = basis·c + q·r with q orthonormal and ⊥ basis (projected twice: one
+    Gram–Schmidt pass loses orthogonality when x lies nearly in the span)."""
+    c = basis.T @ x
+    rest = x - basis @ c
+    c2 = basis.T @ rest
+    q, r = torch.linalg.qr(rest - basis @ c2)
+    return c + c2, q, r
+
+
+def _error_norm(target: FactoredSVD, up: torch.Tensor, down: torch.Tensor) -> float:
+    """‖up·down − U_T·S_T·V_Tᵀ‖_F from factors. With up = U_T·c_u + q_u·r_u and
+    downᵀ = V_T·c_d + q_d·r_d ([U_T q_u], [V_T q_d] orthonormal), the difference
+    is [U_T q_u]·X·[V_T q_d]ᵀ for a small X, whose norm is the answer: no
+    cancellation between ‖ΔW_merge‖² and ‖target‖² (an exact merge reports
+    rounding-level error), and only d×r QRs of the merge's own factors."""
+    c_u, _, r_u = _split_off(target.U, up)
+    c_d, _, r_d = _split_off(target.V, down.T)
+    top = c_u @ c_d.T - torch.diag(target.S)
+    x = torch.cat([torch.cat([top, c_u @ r_d.T], 1), torch.cat([r_u @ c_d.T, r_u @ r_d.T], 1)], 0)
+    return float(torch.linalg.matrix_norm(x))
 
 
 def _fidelity(job: _Job, up: torch.Tensor, down: torch.Tensor, scale: float, group: str,
               status: str, kstats: dict | None) -> ModuleReport | None:
-    t_up, t_down = _target(job)
-    target = _product_norm(t_up, t_down)
-    error = _product_norm(torch.cat([scale * up, -t_up], 1), torch.cat([down, t_down], 0))
+    target = job.target.frobenius()
+    error = _error_norm(job.target, scale * up, down)
     merged = svd_from_factors(up, down, scale)
     if merged.dead:
         return None

@@ -9,19 +9,13 @@ import torch
 from scipy.linalg import subspace_angles
 from scipy.optimize import minimize
 
-from core.device import linalg_threads
 from core.errors import LoraError
 from core.karcher import extrinsic_mean, grassmann_exp, grassmann_log, karcher_mean
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Dense references too run on one thread: torch's SVDs with 2 threads on these
-    2-core machines were erratic and many times slower (math.md)."""
-    with linalg_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # dense references on one thread too
 
 
 def orth(*shape, seed=0):

@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from scipy.linalg import subspace_angles
 
-from core.device import linalg_threads
 from core.errors import LoraError
 from core.factored import dense_svd
 from core.karcher import karcher_mean
@@ -22,12 +21,7 @@ from core.synthetic import perturbed_lora, random_lora
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Dense references too run on one thread: torch's SVDs with 2 threads on these
-    2-core machines were erratic and many times slower (math.md)."""
-    with linalg_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # dense references on one thread too
 NAMES = [
     "lora_unet_down_blocks_0_resnets_0_conv1",                                   # 3×3 conv, 320×2880
     "lora_unet_down_blocks_0_attentions_0_proj_in",                              # 1×1 conv
