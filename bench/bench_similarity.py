@@ -4,7 +4,8 @@ Prints, all measured in this run:
   * the time to read both files from disk (safetensors tensors only, and the
     full reader core.formats.load_lora when it is available); the files were
     just written, so this is a warm page cache: the cheapest reading can be;
-  * our time (core.similarity.compare, factored SVDs, single-threaded);
+  * our time (core.similarity.compare, factored SVDs, single-threaded linear
+    algebra; one worker thread, then the default one per core up to 8);
   * the dense approach (form ΔW, full SVD, top-r singular vectors, product,
     angles) on one module per distinct shape, extrapolated by module count
     (a full dense run would take tens of minutes), with --dense-threads
@@ -70,6 +71,7 @@ def main():
     ap.add_argument("--attention-only", action="store_true",
                     help="kohya 'LoRA' modules only (default: every table module, LoCon-style)")
     ap.add_argument("--keep", help="write the files here instead of a temporary folder")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline (slow on 2 cores)")
     ap.add_argument("--dense-threads", type=int, default=1,
                     help="torch threads for the dense baseline (default 1, the same as ours)")
     args = ap.parse_args()
@@ -104,10 +106,16 @@ def main():
             la, lb = a, b
             print("core.formats not available: comparing the in-memory LoRAs")
 
-        t_ours, rep = timed(lambda: compare(la, lb, side="both"))
+        t_one, rep = timed(lambda: compare(la, lb, side="both", workers=1))
         n_pairs = len(rep.results)
-        print(f"ours: compare(side='both'), {n_pairs} module-sides:      {t_ours:7.2f} s"
-              f"  ({1000 * t_ours / len(la.modules):.1f} ms a module)")
+        print(f"ours: compare(side='both', workers=1), {n_pairs} module-sides: {t_one:7.2f} s"
+              f"  ({1000 * t_one / len(la.modules):.1f} ms a module)")
+        from core.similarity import MAX_WORKERS
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        t_ours, rep_par = timed(lambda: compare(la, lb, side="both"))
+        assert max(abs(x.phi - y.phi) for x, y in zip(rep.results, rep_par.results)) < 1e-12
+        print(f"ours: compare(side='both'), default {workers} worker threads:  {t_ours:7.2f} s"
+              f"  ({t_one / t_ours:.1f}× faster than 1 worker)")
         s = rep.summary()["sides"]
         print(f"  (mean φ out {s['out']['phi_mean']:.4f} vs chance {s['out']['chance_mean']:.4f}; "
               f"in {s['in']['phi_mean']:.4f} vs {s['in']['chance_mean']:.4f})")
@@ -132,6 +140,11 @@ def main():
                 t, _ = timed(factored_work)
             print(f"  factored work on {len(names)} sample modules with {threads} thread(s): {t:6.2f} s")
 
+        if args.no_dense:
+            print(f"\nsummary: read both files {t_read:.2f} s; ours {t_one:.2f} s with 1 worker = "
+                  f"{t_one / t_read:.1f}× reading, {t_ours:.2f} s with {workers} = "
+                  f"{t_ours / t_read:.1f}× reading (dense skipped)")
+            return
         # Dense: one module per distinct flat shape, extrapolated by count.
         shapes = Counter((m.d_out, m.d_in) for m in la.modules.values())
         example = {}
@@ -146,20 +159,21 @@ def main():
             with linalg_threads(args.dense_threads):
                 td, _ = timed(lambda: dense_module(la.modules[n], lb.modules[n], args.rank))
             one = compare(la, lb, side="both", modules=[n])
-            to, _ = timed(lambda: compare(la, lb, side="both", modules=[n]), repeat=3)
+            to, _ = timed(lambda: compare(la, lb, side="both", modules=[n], workers=1), repeat=3)
             t_dense += td * count
             t_ours_sample += to * count
             assert abs(one.results[0].phi - dense_module(la.modules[n], lb.modules[n], args.rank)[0][0]) < 1e-3
             print(f"  {shape[0]:>6}×{shape[1]:<6} ×{count:<4} dense {td:7.3f} s   ours {1000 * to:6.1f} ms"
                   f"   ratio {td / to:6.0f}×")
         print(f"dense, EXTRAPOLATED from one module per shape × module count: {t_dense:8.1f} s")
-        print(f"ours, same extrapolation (sanity check of the full run):      {t_ours_sample:8.1f} s")
+        print(f"ours, same extrapolation (1 worker; check of the full run):   {t_ours_sample:8.1f} s")
 
         print("\nsummary")
         print(f"  read both files:   {t_read:8.2f} s")
-        print(f"  ours (full run):   {t_ours:8.2f} s   = {t_ours / t_read:5.1f}× reading")
+        print(f"  ours, 1 worker:    {t_one:8.2f} s   = {t_one / t_read:5.1f}× reading")
+        print(f"  ours, {workers} workers:   {t_ours:8.2f} s   = {t_ours / t_read:5.1f}× reading")
         print(f"  dense (extrap., {args.dense_threads} thread(s)): {t_dense:8.1f} s   = "
-              f"{t_dense / t_ours:5.0f}× ours")
+              f"{t_dense / t_one:5.0f}× ours with 1 worker (equal resources)")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

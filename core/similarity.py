@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,7 @@ from .save import atomic_write
 from .sdarch import arch_for
 
 SIDES = ("out", "in")
+MAX_WORKERS = 8
 SIDE_WORDS = {"out": "output side (column space, left singular vectors)",
               "in": "input side (row space, right singular vectors)"}
 WEIGHTS = {
@@ -421,14 +424,16 @@ def _group_of(family: str, name: str) -> str:
 
 
 def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
-            modules: list[str] | None = None,
-            device: torch.device | str | None = None) -> SimilarityReport:
+            modules: list[str] | None = None, device: torch.device | str | None = None,
+            workers: int | None = None) -> SimilarityReport:
     """Compare two LoRAs on 'out' (column space), 'in' (row space) or 'both' sides.
 
     ``top``: compare the top-``top`` singular vectors of each module (capped at
     its effective rank) instead of the full effective rank. ``modules``:
     restrict to these canonical names (others count as neither shared nor
-    missing). Runs on the CPU single-threaded unless ``device`` says otherwise.
+    missing). Runs on the CPU unless ``device`` says otherwise, with
+    ``workers`` threads over modules (default: one per core, at most
+    MAX_WORKERS), each doing single-threaded linear algebra.
     """
     if side not in ("out", "in", "both"):
         raise LoraError(f"side must be 'out', 'in' or 'both', got {side!r}")
@@ -451,10 +456,25 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     sides = SIDES if side == "both" else (side,)
     report = SimilarityReport(a, b, side, top, [], only_a, only_b)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.no_grad(), linalg_threads(1 if dev.type == "cpu" else None):
-        for n in shared:
-            report.results.extend(_compare_module(report, n, sides, top, _group_of(family, n),
-                                                  depth[n], dev))
+    workers = max(1, workers if workers is not None else
+                  (min(os.cpu_count() or 1, MAX_WORKERS) if dev.type == "cpu" else 1))
+
+    def one(n: str) -> list[ModuleResult]:
+        with torch.no_grad():           # grad mode is per thread
+            return _compare_module(report, n, sides, top, _group_of(family, n), depth[n], dev)
+
+    # Modules are independent: single-threaded linear algebra (much faster for
+    # these small matrices) in several Python threads, which torch lets run
+    # in parallel because it releases the GIL inside its kernels.
+    with linalg_threads(1 if dev.type == "cpu" else None):
+        if workers == 1 or len(shared) < 2:
+            per_module = [one(n) for n in shared]
+        else:
+            # OpenMP thread counts are per thread: each worker sets its own to 1.
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                per_module = list(pool.map(one, shared))
+    for results in per_module:
+        report.results.extend(results)
     return report
 
 

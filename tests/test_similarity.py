@@ -406,3 +406,11 @@ def test_cli_on_real_files(real_loras_dir, load_lora, tmp_path, capsys):
     sd2 = str(real_loras_dir / "cloneofsimo__lora_pop_sd2.pt")
     assert cli.main(["similarity", a, sd2]) == 2            # different base models: one-line error
     assert "SD2" in capsys.readouterr().err
+
+
+def test_worker_threads_give_the_same_report():
+    a, b = small(seed=32, limit=30, rank=6), small(seed=33, limit=30, rank=6)
+    one, many = compare(a, b, side="both", workers=1), compare(a, b, side="both", workers=3)
+    assert [(r.module, r.side) for r in one.results] == [(r.module, r.side) for r in many.results]
+    assert max(abs(x.phi - y.phi) for x, y in zip(one.results, many.results)) < 1e-12
+    assert torch.get_num_threads() == 1          # the fixture's setting survives the pool
