@@ -167,38 +167,6 @@ def distances(theta: torch.Tensor, names: tuple[str, ...] = DISTANCES) -> dict[s
     return {n: _FORMULAS[n](angles) for n in names}
 
 
-def geodesic(theta: torch.Tensor) -> torch.Tensor:
-    return distance("geodesic", theta)
-
-
-def chordal(theta: torch.Tensor) -> torch.Tensor:
-    return distance("chordal", theta)
-
-
-def binet_cauchy(theta: torch.Tensor) -> torch.Tensor:
-    return distance("binet_cauchy", theta)
-
-
-def fubini_study(theta: torch.Tensor) -> torch.Tensor:
-    return distance("fubini_study", theta)
-
-
-def asimov(theta: torch.Tensor) -> torch.Tensor:
-    return distance("asimov", theta)
-
-
-def martin(theta: torch.Tensor) -> torch.Tensor:
-    return distance("martin", theta)
-
-
-def procrustes(theta: torch.Tensor) -> torch.Tensor:
-    return distance("procrustes", theta)
-
-
-def spectral(theta: torch.Tensor) -> torch.Tensor:
-    return distance("spectral", theta)
-
-
 def cross_rank_geodesic(theta: torch.Tensor, k: int, l: int) -> torch.Tensor:
     """Ye & Lim (2016): √(|k − l|·π²/4 + Σθ²) between a k- and an l-dim subspace;
     θ are their min(k, l) principal angles. Equals ``geodesic`` when k = l."""
