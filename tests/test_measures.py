@@ -5,7 +5,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from core.device import linalg_threads
 from core.factored import svd_from_factors
 from core.grassmann import principal_angles
 from core.measures import (DISTANCES, METRICS, chance_grid, chance_phi, cross_rank_geodesic, distance,
@@ -13,11 +12,7 @@ from core.measures import (DISTANCES, METRICS, chance_grid, chance_phi, cross_ra
                            span_chordal, span_phi, subspace_distances)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small-matrix linear algebra is far faster single-threaded on these machines
-    with linalg_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: single-threaded torch
 
 
 def orthonormal(d, k, gen, dtype=torch.float64):

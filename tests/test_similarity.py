@@ -7,7 +7,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from core.device import linalg_threads
 from core.errors import LoraError
 from core.factored import dense_svd
 from core.lora import LoraFile, LoraModule
@@ -17,10 +16,7 @@ from core.similarity import compare, guess_group
 from core.synthetic import perturbed_lora, random_lora
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with linalg_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: single-threaded torch
 
 
 def small(family="sd1", rank=4, seed=0, limit=24, **kw):
