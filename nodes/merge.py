@@ -1,0 +1,116 @@
+"""Karcher Merge LoRA: merge any number of LoRAs into one real LoRA and apply it."""
+from __future__ import annotations
+
+import os
+
+from .common import (CATEGORY, DTYPE_CHOICES, LORA_TYPE, Progress, apply_lora, connected_loras,
+                     lora_slot_inputs, node_result, parse_weights, save_dtype, table, text_block)
+
+METHODS = ["karcher", "linear", "concat", "svd", "ties", "dare"]
+
+
+class GrassmannLoRAKarcherMerge:
+    DESCRIPTION = ("Merges the connected LoRAs into one LoRA of the chosen rank (Karcher mean of their "
+                   "subspaces on the Grassmann manifold, or a classic method) and applies it to MODEL and "
+                   "CLIP exactly as LoraLoader would apply the saved file.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP", LORA_TYPE, "STRING")
+    RETURN_NAMES = ("model", "clip", "merged_lora", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model patched with the merge (a clone).",
+                       "The text encoder patched with the merge (a clone).",
+                       "The merged LoRA; connect Save LoRA to write it as a kohya file.",
+                       "Fidelity report: how well the merge keeps each source.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to patch with the merge."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder to patch with the merge."}),
+                "method": (METHODS, {"default": "karcher",
+                                     "tooltip": "karcher: weighted Karcher mean of the column and row "
+                                                "spaces on the Grassmann manifold; linear / concat: the exact "
+                                                "weighted sum (stacked factors, ranks add up); svd: best rank-p "
+                                                "approximation of the weighted sum; ties / dare: TIES sign "
+                                                "consensus or DARE drop-and-rescale on ΔW, then rank p."}),
+                "rank": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                 "tooltip": "Rank p of the merged LoRA (karcher, svd, ties, dare); 0 uses, per "
+                                            "module, the smallest rank among its sources. linear and concat are "
+                                            "exact at the summed rank and need 0 here."}),
+                "weights": ("STRING", {"default": "",
+                                       "tooltip": "One weight per connected LoRA, comma-separated, in slot "
+                                                  "order (e.g. '0.7, 0.3'; weight 1 = that LoRA at full "
+                                                  "strength). Empty: equal weights 1/N, the average."}),
+                "dtype": (DTYPE_CHOICES, {"default": "fp16",
+                                          "tooltip": "Precision of the merged factors, as they would be saved; "
+                                                     "MODEL/CLIP are patched with exactly these values."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": "How strongly to apply the merge to the diffusion model."}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                            "tooltip": "How strongly to apply the merge to the text encoder."}),
+                "ties_density": ("FLOAT", {"default": 0.2, "min": 0.01, "max": 1.0, "step": 0.01,
+                                           "tooltip": "ties only: fraction of each LoRA's ΔW entries kept "
+                                                      "(largest magnitudes)."}),
+                "dare_drop": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01,
+                                        "tooltip": "dare only: probability of dropping each ΔW entry "
+                                                   "(the rest are rescaled by 1/(1−p))."}),
+                "dare_seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
+                                      "control_after_generate": False,
+                                      "tooltip": "dare only: seed of the random drops."}),
+            },
+            "optional": lora_slot_inputs("to merge"),
+        }
+
+    def run(self, model, clip, method, rank, weights, dtype, strength_model, strength_clip,
+            ties_density, dare_drop, dare_seed, **slots):
+        from ..core.errors import LoraError
+        from ..core.merge import merge
+
+        loras = [lora for _, lora in connected_loras(slots)]
+        if not loras:
+            raise LoraError("Karcher Merge LoRA: connect at least one LoRA (lora_1, lora_2, …)")
+        progress = Progress(2)
+        progress(0)
+        result = merge(loras, parse_weights(weights, len(loras)), method, rank or None,
+                       dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
+                       dare_drop=dare_drop, naming="kohya")
+        progress(1)
+        # The merged factors are already cast to `dtype`: applying them "as stored"
+        # is exactly what LoraLoader does with the file Save LoRA writes from them.
+        model_out, clip_out = apply_lora(model, clip, result.lora, strength_model, strength_clip, None)
+        progress(2)
+        text = result.report.table()
+        return node_result((model_out, clip_out, result.lora, text),
+                           tables=fidelity_tables(result.report), text=text)
+
+
+def fidelity_tables(report) -> list[dict]:
+    """Per source: share of its energy the merge keeps and φ to its column spaces;
+    then the whole-LoRA figures, and the per-group table as text."""
+    s = report.summary()
+    rows = []
+    for k, name in enumerate(report.sources):
+        kept, phi = s["kept"].get(name), s["phi"].get(name)
+        rows.append([chr(ord("A") + k) if k < 26 else f"S{k}", os.path.splitext(name)[0], f"{report.weights[k]:g}",
+                     "-" if kept is None else f"{kept:.3f}", "-" if phi is None else f"{phi:.3f}"])
+    facts = [["modules", f"{s['modules']} ("
+              + ", ".join(f"{v} {k}" for k, v in s["status"].items() if v) + ")"],
+             ["relative error", "-" if s["rel_error"] is None else f"{s['rel_error']:.3e}"]]
+    if s.get("rel_error_max") is not None:
+        facts.append(["worst module", f"{s['rel_error_max']:.3e} "
+                                      f"{s['rel_error_max_module'].removeprefix('lora_unet_')}"])
+    if "karcher" in s:
+        kk = s["karcher"]
+        facts.append(["Karcher iterations", f"{kk['iterations_mean']:.1f} mean, {kk['iterations_max']} max"])
+        facts.append(["not unique / not converged", f"{kk['not_unique']} / {kk['not_converged']}"])
+    for reason, n in s["skipped"].items():
+        facts.append([f"skipped ({reason})", str(n)])
+    for w in report.warnings:
+        facts.append(["warning", w])
+    return [table(f"{report.method} merge of {len(report.sources)} LoRAs",
+                  ["", "source", "weight", "energy kept", "φ to merge"], rows,
+                  note="energy kept: share of ‖ΔW_k‖² inside the merge's column and row spaces; "
+                       "φ: overlap of the column spaces (1 = same)."),
+            table("Fidelity", ["", ""], facts),
+            text_block("By block group", report.table())]

@@ -1,0 +1,264 @@
+// Headless-Chromium check of the pack's front end against a running ComfyUI.
+// Driven by browser_check.py (which starts ComfyUI); see that file for how to run it.
+//
+//   node browser_check.mjs <comfy url> <out dir> <mode> [workflow json files…]
+//   mode "export": load each API-format graph with app.loadApiJson, save the
+//                  UI-format workflow the front end serialises (and its prompt)
+//   mode "check":  add every pack node, exercise the dynamic LoRA inputs, load
+//                  the UI workflow given, queue it, wait, check the table and the
+//                  heatmap preview render, collect console errors, screenshot.
+import { createRequire } from "node:module";
+import fs from "node:fs";
+import path from "node:path";
+
+const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
+const { chromium } = require("playwright-core");
+
+const [url, outDir, mode, ...files] = process.argv.slice(2);
+if (!url || !outDir || !mode) {
+  console.error("usage: node browser_check.mjs <comfy url> <out dir> export|check [files…]");
+  process.exit(2);
+}
+fs.mkdirSync(outDir, { recursive: true });
+
+const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run"];
+const userDir = fs.mkdtempSync(path.join(outDir, "chromium-profile-"));
+const context = await chromium.launchPersistentContext(userDir, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true, args: FLAGS, viewport: { width: 1800, height: 1100 },
+});
+const page = context.pages()[0] || (await context.newPage());
+const consoleErrors = [];
+page.on("console", (msg) => {
+  if (msg.type() === "error") consoleErrors.push({ text: msg.text(), url: msg.location()?.url || "" });
+});
+page.on("pageerror", (err) => consoleErrors.push({ text: String(err && err.stack || err), url: "pageerror" }));
+const report = { mode, url, steps: [], consoleErrors };
+const step = (name, data) => { report.steps.push({ name, ...data }); console.log(`[browser] ${name}`, JSON.stringify(data)); };
+
+let failed = false;
+function check(cond, what, data = {}) {
+  step((cond ? "ok: " : "FAIL: ") + what, data);
+  if (!cond) failed = true;
+}
+
+try {
+  await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
+  await page.waitForFunction(() => {
+    const app = window.app ?? window.comfyAPI?.app?.app;
+    return app && app.isGraphReady && app.canvas && window.LiteGraph?.registered_node_types?.["GrassmannLoRALoad"];
+  }, null, { timeout: 120000 });
+  const extLoaded = await page.evaluate(() =>
+    performance.getEntriesByType("resource").some((e) => e.name.includes("/extensions/grassmann_lora/grassmann_lora.js")));
+  check(extLoaded, "web/grassmann_lora.js was loaded by the front end");
+  await page.evaluate(() => { window.__gl_app = window.app ?? window.comfyAPI.app.app; });
+
+  if (mode === "export") {
+    for (const file of files) {
+      const api = JSON.parse(fs.readFileSync(file, "utf8"));
+      const name = path.basename(file, ".json");
+      const layoutFile = path.join(outDir, `${name}.layout.json`);
+      const layout = fs.existsSync(layoutFile) ? JSON.parse(fs.readFileSync(layoutFile, "utf8")) : null;
+      const result = await page.evaluate(async ({ api, name, layout }) => {
+        const app = window.__gl_app;
+        const LG = window.LiteGraph;
+        await app.loadApiJson(api, name);
+        await new Promise((r) => setTimeout(r, 500));     // dynamic-input normalisation runs deferred
+        const g = app.rootGraph;
+        if (!layout) {
+          g.arrange?.();
+        } else {
+          for (const [id, [x, y, w]] of Object.entries(layout.nodes)) {
+            const node = g.getNodeById(Number(id));
+            if (!node) continue;
+            node.pos = [x, y];
+            node.size = [Math.max(w, node.computeSize()[0]), node.computeSize()[1]];
+          }
+          for (const [x, y, w, h, text] of layout.notes || []) {
+            const note = LG.createNode("Note");
+            g.add(note);
+            note.pos = [x, y];
+            note.size = [w, h];
+            note.widgets[0].value = text;
+          }
+          for (const [title, x, y, w, h] of layout.groups || []) {
+            const Group = LG.LGraphGroup;
+            if (!Group) continue;
+            const group = new Group(title);
+            group.pos = [x, y];
+            group.size = [w, h];
+            g.add(group);
+          }
+        }
+        // the same seed on every run: no "randomize" after generating
+        for (const node of g._nodes) {
+          for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
+        }
+        g.setDirtyCanvas?.(true, true);
+        const workflow = g.serialize();
+        const prompt = (await app.graphToPrompt()).output;
+        return { workflow, prompt };
+      }, { api, name, layout });
+      fs.writeFileSync(path.join(outDir, `${name}.json`), JSON.stringify(result.workflow, null, 1) + "\n");
+      fs.writeFileSync(path.join(outDir, `${name}.prompt.json`), JSON.stringify(result.prompt, null, 1) + "\n");
+      const strip = (g) => Object.fromEntries(Object.entries(g).map(([k, v]) => [k, { class_type: v.class_type, inputs: v.inputs }]));
+      const same = JSON.stringify(sortKeys(strip(result.prompt))) === JSON.stringify(sortKeys(strip(api)));
+      check(same, `${name}: the front end's prompt equals the API graph`,
+        same ? {} : { diff: diffGraphs(strip(api), strip(result.prompt)) });
+    }
+  } else {
+    // 1. every pack node can be added; the LoRA-taking ones start with one lora slot
+    const nodes = await page.evaluate(async () => {
+      const app = window.__gl_app;
+      app.rootGraph.clear();
+      const types = Object.keys(window.LiteGraph.registered_node_types).filter((t) => t.startsWith("GrassmannLoRA"));
+      const out = {};
+      let x = 50;
+      for (const t of types) {
+        const node = window.LiteGraph.createNode(t);
+        node.pos = [x, 80];
+        x += 340;
+        app.rootGraph.add(node);
+        out[t] = node.id;
+      }
+      await new Promise((r) => setTimeout(r, 300));
+      const slots = {};
+      for (const [t, id] of Object.entries(out)) {
+        slots[t] = app.rootGraph.getNodeById(id).inputs.filter((i) => /^lora_\d+$/.test(i.name)).map((i) => i.name);
+      }
+      return { types, slots };
+    });
+    check(nodes.types.length === 7, "all 7 pack nodes registered in the front end", { types: nodes.types });
+    check(JSON.stringify(nodes.slots.GrassmannLoRAKernelMatrix) === '["lora_1"]'
+      && JSON.stringify(nodes.slots.GrassmannLoRAKarcherMerge) === '["lora_1"]',
+      "dynamic LoRA inputs start with one empty slot", nodes.slots);
+
+    // 2. connecting grows the slots, disconnecting renumbers them
+    const dyn = await page.evaluate(async () => {
+      const app = window.__gl_app;
+      const g = app.rootGraph;
+      const km = g.findNodesByType("GrassmannLoRAKernelMatrix")[0];
+      const loads = [0, 1, 2].map((k) => {
+        const n = window.LiteGraph.createNode("GrassmannLoRALoad");
+        n.pos = [50 + 300 * k, 500];
+        g.add(n);
+        return n;
+      });
+      const names = () => km.inputs.filter((i) => /^lora_\d+$/.test(i.name)).map((i) => `${i.name}${i.link != null ? "*" : ""}`);
+      const wait = () => new Promise((r) => setTimeout(r, 100));
+      const seen = [];
+      for (const n of loads) {
+        const slot = km.inputs.findIndex((i) => i.name === `lora_${seen.length + 1}`);
+        n.connect(0, km, slot);
+        await wait();
+        seen.push(names().join(","));
+      }
+      km.disconnectInput(km.inputs.findIndex((i) => i.name === "lora_1"));
+      await wait();
+      seen.push(names().join(","));
+      const prompt = (await app.graphToPrompt()).output[String(km.id)].inputs;
+      return { seen, promptLoras: Object.keys(prompt).filter((k) => k.startsWith("lora_")) };
+    });
+    check(JSON.stringify(dyn.seen) === JSON.stringify([
+      "lora_1*,lora_2", "lora_1*,lora_2*,lora_3", "lora_1*,lora_2*,lora_3*,lora_4", "lora_1*,lora_2*,lora_3"]),
+      "connecting adds the next slot; disconnecting renumbers", dyn);
+    check(JSON.stringify(dyn.promptLoras) === '["lora_1","lora_2"]', "prompt carries the connected slots", dyn);
+
+    // 3. workflow 3 from its UI file: load, queue, wait, look
+    const workflow = JSON.parse(fs.readFileSync(files[0], "utf8"));
+    const run = await page.evaluate(async (workflow) => {
+      const app = window.__gl_app;
+      await app.loadGraphData(workflow);
+      await new Promise((r) => setTimeout(r, 500));
+      const api = window.comfyAPI?.api?.api;
+      const done = new Promise((resolve) => {
+        const finish = (kind) => (e) => resolve({ kind, detail: e.detail });
+        api.addEventListener("execution_success", finish("success"));
+        api.addEventListener("execution_error", finish("error"));
+        api.addEventListener("execution_interrupted", finish("interrupted"));
+        setTimeout(() => resolve({ kind: "timeout" }), 240000);
+      });
+      await app.queuePrompt(0, 1);
+      const r = await done;
+      await new Promise((res) => setTimeout(res, 1500));   // let previews load and the canvas draw
+      return { kind: r.kind, detail: r.kind === "error" ? r.detail : undefined };
+    }, workflow);
+    check(run.kind === "success", "workflow 3 ran from the UI", run);
+
+    // fit the graph into view and draw
+    await page.evaluate(() => {
+      const app = window.__gl_app;
+      const sim = app.rootGraph.findNodesByType("GrassmannLoRASimilarity")[0];
+      app.canvas.selectItems?.([sim]);
+      app.canvas.fitViewToSelectionAnimated?.({ duration: 1 });
+      app.canvas.deselectAll?.();
+      app.canvas.setDirty(true, true);
+    });
+    await page.waitForTimeout(1500);
+
+    const look = await page.evaluate(async () => {
+      const app = window.__gl_app;
+      const sim = app.rootGraph.findNodesByType("GrassmannLoRASimilarity")[0];
+      const box = document.querySelector(`.grassmann-lora-tables[data-node="${sim.id}"]`);
+      const rect = box?.getBoundingClientRect();
+      const style = box ? getComputedStyle(box) : null;
+      const rows = box ? [...box.querySelectorAll("table tr")].map((tr) => [...tr.children].map((c) => c.textContent)) : [];
+      const outputs = app.nodeOutputs?.[String(sim.id)] || {};
+      const images = (outputs.images || []);
+      const loaded = [];
+      for (const im of images) {
+        const u = `/api/view?filename=${encodeURIComponent(im.filename)}&type=${im.type}&subfolder=${encodeURIComponent(im.subfolder || "")}`;
+        const ok = await new Promise((res) => {
+          const el = new Image();
+          el.onload = () => res({ w: el.naturalWidth, h: el.naturalHeight });
+          el.onerror = () => res(null);
+          el.src = u;
+        });
+        loaded.push(ok);
+      }
+      return {
+        tableVisible: !!box && rect.width > 50 && rect.height > 30 && style.display !== "none" && style.visibility !== "hidden",
+        rect: rect && { x: rect.x, y: rect.y, w: rect.width, h: rect.height },
+        rows: rows.slice(0, 4), images: images.map((i) => i.filename), loaded,
+        nodeImgs: (sim.imgs || []).map((i) => [i.naturalWidth, i.naturalHeight]),
+        size: sim.size,
+      };
+    });
+    check(look.tableVisible && look.rows.length >= 3 && look.rows[0][0] === "side",
+      "similarity summary renders as a table on the node", look);
+    check(look.loaded.length === 2 && look.loaded.every((x) => x && x.w > 100 && x.h > 100),
+      "heatmap and φ-grid previews load", look);
+    await page.screenshot({ path: path.join(outDir, "workflow3.png") });
+    // a close-up of the similarity node
+    if (look.rect) {
+      await page.screenshot({ path: path.join(outDir, "similarity_node.png"), fullPage: false,
+        clip: { x: Math.max(0, look.rect.x - 40), y: Math.max(0, look.rect.y - 420), width: Math.min(1000, look.rect.w + 500), height: 1000 } }).catch(() => {});
+    }
+  }
+  const ours = consoleErrors.filter((e) => /grassmann/i.test(e.text + " " + e.url));
+  check(ours.length === 0, "no console errors from the pack's web/ code", { ours, all: consoleErrors.length });
+} catch (err) {
+  failed = true;
+  step("FAIL: exception", { error: String(err && err.stack || err) });
+  await page.screenshot({ path: path.join(outDir, "failure.png") }).catch(() => {});
+} finally {
+  fs.writeFileSync(path.join(outDir, `report-${mode}.json`), JSON.stringify(report, null, 1));
+  await context.close();
+  fs.rmSync(userDir, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);
+
+function sortKeys(x) {
+  if (Array.isArray(x)) return x.map(sortKeys);
+  if (x && typeof x === "object") return Object.fromEntries(Object.keys(x).sort().map((k) => [k, sortKeys(x[k])]));
+  return x;
+}
+
+function diffGraphs(a, b) {
+  const out = [];
+  for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
+    if (JSON.stringify(sortKeys(a[k])) !== JSON.stringify(sortKeys(b[k]))) out.push({ id: k, api: a[k], ui: b[k] });
+  }
+  return out.slice(0, 6);
+}

@@ -1,0 +1,233 @@
+"""The three example workflows as ComfyUI API-format graphs, and the LoRA files they name.
+
+``example_workflows/api/<name>.json`` are written from here (``python
+tests/integration/example_graphs.py``); the UI-format ``example_workflows/<name>.json``
+that ComfyUI's template browser offers are those graphs loaded into the real
+front end and saved by it (``tests/integration/browser_check.py --export``).
+The integration test runs the API graphs and checks the UI files describe the
+same graph.
+
+LoRA names are the real SD1.5 fixtures (``../shared/fixtures/real_loras``):
+ComfyUI reads the diffusers-processor and LyCORIS files as they are; the
+cloneofsimo ones are written as kohya files by ``python -m core convert``
+(ComfyUI has no mapping for that format). :func:`prepare_loras` lays them out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO / "example_workflows"
+API_DIR = WORKFLOWS_DIR / "api"
+
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"   # the name ComfyUI's own SD1.5 templates use
+
+# name in the loras folder -> (fixture file, convert to kohya?)
+LORAS = {
+    "catundchat__pytorch_lora_weights.safetensors": ("catundchat__pytorch_lora_weights.safetensors", False),
+    "cloneofsimo__analog_svd_rank4_sd15_kohya.safetensors": ("cloneofsimo__analog_svd_rank4_sd15.safetensors", True),
+    "cloneofsimo__lora_disney_sd15_kohya.safetensors": ("cloneofsimo__lora_disney_sd15.safetensors", True),
+    "cloneofsimo__lora_kiriko2_sd15_te_kohya.safetensors": ("cloneofsimo__lora_kiriko2_sd15.text_encoder.pt", True),
+    "lycoris__smart_falcon_4_lokr.safetensors": ("lycoris__smart_falcon_4_lokr.safetensors", False),
+    "lycoris__smart_falcon_8_lokr.safetensors": ("lycoris__smart_falcon_8_lokr.safetensors", False),
+}
+LORA_A = "catundchat__pytorch_lora_weights.safetensors"
+LORA_B = "cloneofsimo__analog_svd_rank4_sd15_kohya.safetensors"
+SAVED_MERGE = "grassmann_karcher_merge.safetensors"
+
+# side-by-side: (label, id of the node whose MODEL/CLIP feed the sampler)
+SIDE_BY_SIDE_SOURCES = [("LoRA A", "4"), ("LoRA B", "5"), ("Karcher merge", "6"),
+                        ("Linear merge", "7"), ("SVD merge", "8")]
+POSITIVE = "a cozy cottage in a snowy forest, warm light in the windows, illustration"
+NEGATIVE = "blurry, low quality"
+
+
+def _node(class_type: str, title: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+
+
+def side_by_side() -> dict:
+    """checkpoint → LoRA A, LoRA B, Karcher / linear / svd merges → one prompt and seed →
+    five KSamplers → Compare Grid → SaveImage (+ the Karcher merge saved as a LoRA)."""
+    g = {
+        "1": _node("CheckpointLoaderSimple", "Load Checkpoint (SD1.5)", ckpt_name=CHECKPOINT),
+        "2": _node("GrassmannLoRALoad", "LoRA A", lora_name=LORA_A),
+        "3": _node("GrassmannLoRALoad", "LoRA B", lora_name=LORA_B),
+        "4": _node("GrassmannLoRAApply", "Apply LoRA A", model=["1", 0], clip=["1", 1], lora=["2", 0],
+                   strength_model=1.0, strength_clip=1.0, dtype="as stored"),
+        "5": _node("GrassmannLoRAApply", "Apply LoRA B", model=["1", 0], clip=["1", 1], lora=["3", 0],
+                   strength_model=1.0, strength_clip=1.0, dtype="as stored"),
+        "10": _node("EmptyLatentImage", "Empty Latent Image", width=512, height=512, batch_size=1),
+    }
+    for node_id, method, title in (("6", "karcher", "Karcher merge"), ("7", "linear", "Linear merge"),
+                                   ("8", "svd", "SVD merge")):
+        g[node_id] = _node("GrassmannLoRAKarcherMerge", title, model=["1", 0], clip=["1", 1],
+                           method=method, rank=0, weights="", dtype="fp16", strength_model=1.0,
+                           strength_clip=1.0, ties_density=0.2, dare_drop=0.5, dare_seed=0,
+                           lora_1=["2", 0], lora_2=["3", 0])
+    g["9"] = _node("GrassmannLoRASave", "Save Karcher merge", lora=["6", 2], filename=SAVED_MERGE,
+                   dtype="as stored", overwrite=False)
+    decoded = []
+    for k, (label, src) in enumerate(SIDE_BY_SIDE_SOURCES):
+        base = 20 + 10 * k
+        pos, neg, sampler, decode = (str(base + i) for i in range(4))
+        g[pos] = _node("CLIPTextEncode", f"Prompt ({label})", clip=[src, 1], text=POSITIVE)
+        g[neg] = _node("CLIPTextEncode", f"Negative ({label})", clip=[src, 1], text=NEGATIVE)
+        g[sampler] = _node("KSampler", f"KSampler ({label})", model=[src, 0], positive=[pos, 0],
+                           negative=[neg, 0], latent_image=["10", 0], seed=42, steps=20, cfg=7.0,
+                           sampler_name="euler", scheduler="normal", denoise=1.0)
+        g[decode] = _node("VAEDecode", f"Decode ({label})", samples=[sampler, 0], vae=["1", 2])
+        decoded.append(decode)
+    g["70"] = _node("BatchImagesNode", "Batch Images", **{f"images.image{k}": [d, 0]
+                                                          for k, d in enumerate(decoded)})
+    g["80"] = _node("GrassmannLoRACompareGrid", "Compare Grid", images=["70", 0],
+                    labels="\n".join(label for label, _ in SIDE_BY_SIDE_SOURCES), reference=0,
+                    columns=0, upscale=0)
+    g["81"] = _node("SaveImage", "Save grid", images=["80", 0], filename_prefix="grassmann_side_by_side")
+    return g
+
+
+LIBRARY = [
+    "catundchat__pytorch_lora_weights.safetensors",
+    "cloneofsimo__analog_svd_rank4_sd15_kohya.safetensors",
+    "cloneofsimo__lora_disney_sd15_kohya.safetensors",
+    "cloneofsimo__lora_kiriko2_sd15_te_kohya.safetensors",
+    "lycoris__smart_falcon_4_lokr.safetensors",
+    "lycoris__smart_falcon_8_lokr.safetensors",
+]
+
+
+def library_map() -> dict:
+    """Many LoRAs → Grassmann Kernel Matrix → heatmap (saved) + clusters (on the node)."""
+    g = {}
+    slots = {}
+    for k, name in enumerate(LIBRARY, 1):
+        g[str(k)] = _node("GrassmannLoRALoad", f"LoRA {k}", lora_name=name)
+        slots[f"lora_{k}"] = [str(k), 0]
+    g["20"] = _node("GrassmannLoRAKernelMatrix", "Grassmann Kernel Matrix", kernel="projection-rbf",
+                    beta=1.0, alpha=2.0, side="out", top=4, module_filter="", cluster_method="spectral",
+                    clusters=0, dbscan_eps=0.5, dbscan_min_samples=2, allow_indefinite=False, kmeans_seed=0, **slots)
+    g["21"] = _node("SaveImage", "Save kernel heatmap", images=["20", 0], filename_prefix="grassmann_library_map")
+    return g
+
+
+def two_lora_analysis() -> dict:
+    """Two LoRAs → Subspace Similarity (both sides) → heatmap and φ grid (saved)."""
+    return {
+        "1": _node("GrassmannLoRALoad", "LoRA A", lora_name=LORA_A),
+        "2": _node("GrassmannLoRALoad", "LoRA B", lora_name=LORA_B),
+        "3": _node("GrassmannLoRASimilarity", "LoRA Subspace Similarity", lora_a=["1", 0], lora_b=["2", 0],
+                   side="both", top=0, module=""),
+        "4": _node("SaveImage", "Save similarity heatmap", images=["3", 0],
+                   filename_prefix="grassmann_similarity"),
+        "5": _node("SaveImage", "Save φ grid", images=["3", 1], filename_prefix="grassmann_phi_grid"),
+    }
+
+
+# Where the front end should put the nodes when the UI files are exported:
+# node id -> (x, y, width); plus notes (x, y, w, h, text) and groups (title, x, y, w, h).
+def _side_by_side_layout() -> dict:
+    nodes = {"1": (0, 0, 360), "10": (0, 200, 360), "2": (420, 0, 380), "3": (420, 330, 380),
+             "9": (420, 660, 380), "4": (860, 0, 440), "5": (860, 250, 440), "6": (860, 520, 440),
+             "7": (860, 1280, 440), "8": (860, 2040, 440), "70": (2560, 0, 260), "80": (2560, 200, 480),
+             "81": (3100, 0, 700)}
+    for k in range(len(SIDE_BY_SIDE_SOURCES)):
+        y = 560 * k
+        nodes.update({str(20 + 10 * k): (1360, y, 420), str(21 + 10 * k): (1360, y + 220, 420),
+                      str(22 + 10 * k): (1840, y, 340), str(23 + 10 * k): (2240, y, 260)})
+    return {"nodes": nodes,
+            "notes": [(0, 420, 360, 560,
+                       "Side-by-side comparison of two LoRAs and three merges of them.\n\n"
+                       "LoRA A and LoRA B are applied as they are; Karcher Merge LoRA merges them three "
+                       "ways (karcher = Grassmann Karcher mean of their subspaces, linear = exact weighted "
+                       "sum, svd = best rank-p approximation of the sum). Every branch uses the same "
+                       "prompt, seed and sampler, and Compare Grid lays the five images side by side with "
+                       "the mean absolute difference and SSIM to LoRA A under each.\n\n"
+                       "The merge nodes show a fidelity report (how much of each source the merge keeps). "
+                       "Save LoRA writes the Karcher merge into your loras folder as a kohya file; stock "
+                       "Load LoRA applies it exactly as the merge node does.\n\n"
+                       "Put an SD1.5 checkpoint and two SD1.5 LoRAs of your own in the loaders.")],
+            "groups": [("Sources and merges", 400, -60, 940, 2880),
+                       ("Same prompt, same seed", 1340, -60, 1180, 2880)]}
+
+
+def _library_map_layout() -> dict:
+    nodes = {str(k): (440 * ((k - 1) % 2), 320 * ((k - 1) // 2), 400) for k in range(1, len(LIBRARY) + 1)}
+    nodes.update({"20": (900, 0, 640), "21": (1600, 0, 700)})
+    return {"nodes": nodes,
+            "notes": [(0, 980, 840, 200,
+                       "Library map: any number of LoRAs of one base model go into Grassmann Kernel "
+                       "Matrix (connect one and the next input appears). It compares them module by module "
+                       "on the Grassmann manifold, clusters them and draws the matrix in cluster order; the "
+                       "clusters are listed on the node and the matrix comes out as JSON too.\n\n"
+                       "top = 4 compares every LoRA's four leading directions per module, so LoRAs of "
+                       "different ranks are compared like for like.")],
+            "groups": []}
+
+
+def _two_lora_layout() -> dict:
+    return {"nodes": {"1": (0, 0, 420), "2": (0, 330, 420), "3": (480, 0, 620), "4": (1160, 0, 640),
+                      "5": (1160, 720, 640)},
+            "notes": [(0, 680, 420, 260,
+                       "Two-LoRA analysis: how much two LoRAs use the same directions, module by module. "
+                       "φ (Hu et al. 2021) is 1 for the same directions and about rank/width (the chance "
+                       "level, shown beside it) for unrelated ones. side = both reports the output side "
+                       "(what a layer writes) and the input side (what it reads). The heatmap has one row "
+                       "per module in depth order; the φ(i, j) grid is for one module (empty 'module' = "
+                       "the most similar one).")],
+            "groups": []}
+
+
+LAYOUTS = {
+    "1_side_by_side_merges": _side_by_side_layout,
+    "2_library_map": _library_map_layout,
+    "3_two_lora_analysis": _two_lora_layout,
+}
+
+WORKFLOWS = {
+    "1_side_by_side_merges": side_by_side,
+    "2_library_map": library_map,
+    "3_two_lora_analysis": two_lora_analysis,
+}
+
+
+def prepare_loras(dest: str | os.PathLike, fixtures: str | os.PathLike, names=None) -> list[str]:
+    """Put the workflows' LoRAs into ``dest``: symlinks to the fixtures ComfyUI reads
+    as is, kohya conversions of the others (``python -m core convert``, run in this
+    process to save interpreter starts). Returns the names."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from core.cli import main as core_cli
+
+    dest, fixtures = Path(dest), Path(fixtures)
+    dest.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name in names or LORAS:
+        src, convert = LORAS[name]
+        target = dest / name
+        if not target.exists():
+            if convert:
+                if core_cli(["convert", str(fixtures / src), str(target)]) != 0:
+                    raise RuntimeError(f"python -m core convert {src} failed")
+            else:
+                target.symlink_to(fixtures / src)
+        done.append(name)
+    return done
+
+
+def write_api_files() -> list[Path]:
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, build in WORKFLOWS.items():
+        path = API_DIR / f"{name}.json"
+        path.write_text(json.dumps(build(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.append(path)
+    return out
+
+
+if __name__ == "__main__":
+    for p in write_api_files():
+        print("wrote", p)

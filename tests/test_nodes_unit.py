@@ -1,0 +1,430 @@
+"""The ComfyUI node classes without ComfyUI: declared structure, Compare Grid
+geometry and SSIM, Save path safety, and the nodes that need no ComfyUI run on
+synthetic LoRAs (checked against core called directly)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "grassmann_lora"
+
+
+def _import_pack():
+    """Import the repository as the package ComfyUI makes of it (nodes/ uses
+    relative imports such as ``from ..core.save import …``)."""
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{PACK}.nodes")
+
+
+nodes_pkg = _import_pack()
+NODE_CLASS_MAPPINGS = nodes_pkg.NODE_CLASS_MAPPINGS
+NODE_DISPLAY_NAME_MAPPINGS = nodes_pkg.NODE_DISPLAY_NAME_MAPPINGS
+common = importlib.import_module(f"{PACK}.nodes.common")
+GrassmannLoRACompareGrid = importlib.import_module(f"{PACK}.nodes.grid").GrassmannLoRACompareGrid
+save_lora = importlib.import_module(f"{PACK}.nodes.lora_io").save_lora
+# core as the nodes see it (its classes, e.g. LoraError, are the pack's own)
+core = importlib.import_module(f"{PACK}.core")
+LoraError = importlib.import_module(f"{PACK}.core.errors").LoraError
+synthetic = importlib.import_module(f"{PACK}.core.synthetic")
+random_lora, perturbed_lora = synthetic.random_lora, synthetic.perturbed_lora
+
+
+def pack(name: str):
+    """A pack submodule, e.g. pack('core.similarity')."""
+    return importlib.import_module(f"{PACK}.{name}")
+
+VALID_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MODEL", "CLIP", common.LORA_TYPE}
+
+
+# ----------------------------------------------------------------------------- structure
+
+def _inputs(cls) -> dict:
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    out = {}
+    for section in ("required", "optional"):
+        out.update(spec.get(section, {}))
+    return out
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_node_declarations(node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("GrassmannLoRA")
+    assert NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    assert cls.CATEGORY == "Grassmann LoRA"
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+    assert all(t in VALID_TYPES for t in cls.RETURN_TYPES), cls.RETURN_TYPES
+    for attr in ("RETURN_NAMES", "OUTPUT_TOOLTIPS"):
+        if hasattr(cls, attr):
+            assert len(getattr(cls, attr)) == len(cls.RETURN_TYPES), attr
+    inputs = _inputs(cls)
+    assert inputs
+    for name, spec in inputs.items():
+        kind, opts = spec[0], spec[1]
+        assert isinstance(kind, list) or kind in VALID_TYPES, (name, kind)
+        assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if isinstance(kind, list) and kind and "default" in opts:
+            assert opts["default"] in kind
+
+
+def test_display_names_unique_and_mapped():
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    assert len(set(NODE_DISPLAY_NAME_MAPPINGS.values())) == len(NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def test_dynamic_lora_slots_declared_in_order():
+    for node_id in ("GrassmannLoRAKernelMatrix", "GrassmannLoRAKarcherMerge"):
+        optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
+        slots = [k for k in optional if k.startswith("lora_")]
+        assert slots == [f"lora_{k}" for k in range(1, common.MAX_LORAS + 1)]
+        assert all(optional[k][0] == common.LORA_TYPE for k in slots)
+
+
+def test_connected_loras_numeric_order_and_weights():
+    a, b, c = object(), object(), object()
+    got = common.connected_loras({"lora_10": c, "lora_2": b, "lora_1": a, "lora_3": None, "rank": 4})
+    assert [k for k, _ in got] == ["lora_1", "lora_2", "lora_10"]
+    assert [v for _, v in got] == [a, b, c]
+    assert common.parse_weights(" ", 3) is None
+    assert common.parse_weights("1, 0.5;2", 3) == [1.0, 0.5, 2.0]
+    with pytest.raises(LoraError, match="2 number"):
+        common.parse_weights("1, 2", 3)
+    with pytest.raises(LoraError, match="expected numbers"):
+        common.parse_weights("1, x, 2", 3)
+
+
+# ----------------------------------------------------------------------------- SSIM
+
+def _ssim_direct(x: np.ndarray, y: np.ndarray, win: int = 11, sigma: float = 1.5) -> float:
+    """Wang et al. 2004 written out: for every valid window position the
+    Gaussian-weighted means, variances and covariance, then the mean of the
+    SSIM map, per channel, averaged over channels."""
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    r = np.arange(win) - (win - 1) / 2
+    w2 = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    w2 /= w2.sum()
+    h, w, ch = x.shape
+    per_channel = []
+    for c in range(ch):
+        vals = []
+        for i in range(h - win + 1):
+            for j in range(w - win + 1):
+                a = x[i:i + win, j:j + win, c]
+                b = y[i:i + win, j:j + win, c]
+                ma, mb = (w2 * a).sum(), (w2 * b).sum()
+                va = (w2 * (a - ma) ** 2).sum()
+                vb = (w2 * (b - mb) ** 2).sum()
+                cov = (w2 * (a - ma) * (b - mb)).sum()
+                vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) /
+                            ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+        per_channel.append(np.mean(vals))
+    return float(np.mean(per_channel))
+
+
+def test_ssim_matches_direct_formula():
+    ssim = pack("core.compare_grid").ssim
+
+    rng = np.random.default_rng(0)
+    x = rng.random((23, 19, 3))
+    y = np.clip(0.7 * x + 0.3 * rng.random((23, 19, 3)), 0, 1)   # correlated, not equal
+    got = float(ssim(torch.from_numpy(x), torch.from_numpy(y)))
+    want = _ssim_direct(x, y)
+    assert abs(got - want) < 1e-10, (got, want)
+    assert 0.2 < want < 0.99
+    # batched form gives the same per-image numbers
+    batch = ssim(torch.from_numpy(np.stack([x, y])), torch.from_numpy(np.stack([y, y])))
+    assert abs(float(batch[0]) - want) < 1e-10 and abs(float(batch[1]) - 1.0) < 1e-12
+
+
+def test_ssim_small_image_uses_smaller_window():
+    ssim = pack("core.compare_grid").ssim
+
+    rng = np.random.default_rng(1)
+    x, y = rng.random((8, 9, 1)), rng.random((8, 9, 1))
+    got = float(ssim(torch.from_numpy(x), torch.from_numpy(y)))
+    assert abs(got - _ssim_direct(x, y, win=7)) < 1e-10
+
+
+def test_mean_abs_diff():
+    mean_abs_diff = pack("core.compare_grid").mean_abs_diff
+
+    rng = np.random.default_rng(2)
+    x, y = rng.random((2, 5, 6, 3)), rng.random((2, 5, 6, 3))
+    got = mean_abs_diff(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+    assert np.allclose(got, np.abs(x - y).reshape(2, -1).mean(axis=1), atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- Compare Grid
+
+def test_parse_labels():
+    parse_labels = pack("core.compare_grid").parse_labels
+
+    assert parse_labels("a, b ,c", 3) == ["a", "b", "c"]
+    assert parse_labels("x, y\nsecond", 3) == ["x, y", "second", "#3"]
+    assert parse_labels("", 2) == ["#1", "#2"]
+    assert parse_labels("a,,c,d", 3) == ["a", "#2", "c"]
+
+
+def test_compare_grid_geometry_and_tiles():
+    PAD = pack("core.compare_grid").PAD
+
+    rng = np.random.default_rng(3)
+    imgs = torch.from_numpy(rng.random((3, 20, 30, 3)).astype(np.float32))
+    imgs[2] = imgs[0]                      # an exact copy of the reference
+    out = GrassmannLoRACompareGrid().run(imgs, "ref\nother\ncopy", reference=0, columns=2, upscale=3)
+    grid, text = out["result"]
+    assert grid.shape[0] == 1 and grid.shape[3] == 3
+    # 2 columns of 90-px tiles, 2 rows of 60-px tiles plus captions, PAD around each
+    caption_height = pack("core.compare_grid").caption_height
+    assert grid.shape[2] == 2 * 90 + 3 * PAD
+    assert grid.shape[1] == 2 * (60 + caption_height()) + 3 * PAD
+    g = grid[0].numpy()
+    for k in range(3):
+        r, c = divmod(k, 2)
+        x0, y0 = PAD + c * (90 + PAD), PAD + r * (60 + caption_height() + PAD)
+        want = np.repeat(np.repeat(np.round(imgs[k].numpy() * 255), 3, axis=0), 3, axis=1) / 255.0
+        assert np.allclose(g[y0:y0 + 60, x0:x0 + 90], want, atol=1e-6), k
+        caption = g[y0 + 60:y0 + 60 + caption_height(), x0:x0 + 90]
+        assert (caption < 0.5).any(), "caption text missing"
+    assert np.all(g[:PAD] == 1.0)          # white border
+    # the fourth cell (empty) stays white
+    x3, y3 = PAD + 90 + PAD, PAD + 60 + caption_height() + PAD
+    assert np.all(g[y3:y3 + 60, x3:x3 + 90] == 1.0)
+    # the numbers in the table: copy of the reference has MAD 0, SSIM 1
+    rows = out["ui"][common.TABLE_UI_KEY][0]["rows"]
+    assert rows[0][0] == "ref (reference)"
+    assert float(rows[2][1]) == 0.0 and float(rows[2][2]) == 1.0
+    assert float(rows[1][1]) > 0.1 and float(rows[1][2]) < 0.5
+    assert text.splitlines()[2].split("\t")[0] == "other"
+
+
+def test_compare_grid_auto_upscale_and_bad_reference():
+    MIN_TILE, grid_geometry = pack("core.compare_grid").MIN_TILE, pack("core.compare_grid").grid_geometry
+
+    geo = grid_geometry(5, 64, 64)
+    assert geo.cols == 5 and geo.rows == 1 and geo.scale == math.ceil(MIN_TILE / 64)
+    assert grid_geometry(2, 300, 300).scale == 1
+    with pytest.raises(LoraError, match="reference index 4"):
+        GrassmannLoRACompareGrid().run(torch.zeros(2, 8, 8, 3), "", reference=4, columns=0, upscale=1)
+
+
+# ----------------------------------------------------------------------------- Save
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_save_writes_kohya_and_refuses_escape_and_overwrite(tmp_path):
+    from safetensors.torch import load_file
+    kohya_tensors = pack("core.save").kohya_tensors
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = random_lora("sd1", rank=4, seed=0, limit=6)
+    path, name = save_lora(lora, str(folder), "merged/test", None, False)
+    assert name == "merged/test.safetensors" and os.path.isfile(path)
+    saved = load_file(path)
+    want = kohya_tensors(lora)
+    assert set(saved) == set(want)
+    for k in want:
+        assert torch.equal(saved[k], want[k]), k
+
+    before = _sha(path)
+    other = random_lora("sd1", rank=4, seed=1, limit=6)
+    with pytest.raises(LoraError, match="exists"):
+        save_lora(other, str(folder), "merged/test.safetensors", None, False)
+    assert _sha(path) == before
+    save_lora(other, str(folder), "merged/test.safetensors", None, True)
+    assert _sha(path) != before
+
+    for bad in ("../escape.safetensors", str(tmp_path / "abs.safetensors"), "a/../../x.safetensors"):
+        with pytest.raises(LoraError, match="escapes"):
+            save_lora(lora, str(folder), bad, None, True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loras"]
+
+
+def test_save_symlink_escape_refused(tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (folder / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(LoraError, match="escapes"):
+        save_lora(random_lora("sd1", rank=2, seed=0, limit=2), str(folder), "link/x.safetensors")
+    assert list(outside.iterdir()) == []
+
+
+def test_save_dtype_cast(tmp_path):
+    from safetensors.torch import load_file
+
+    lora = random_lora("sd1", rank=4, seed=0, limit=3)
+    path, _ = save_lora(lora, str(tmp_path), "half", common.save_dtype("fp16"))
+    t = load_file(path)
+    downs = [v for k, v in t.items() if k.endswith("lora_down.weight")]
+    assert downs and all(v.dtype == torch.float16 for v in downs)
+    assert all(v.dtype == torch.float32 for k, v in t.items() if k.endswith(".alpha"))
+
+
+# ----------------------------------------------------------------------------- Similarity
+
+def test_similarity_node_matches_core():
+    compare = pack("core.similarity").compare
+    GrassmannLoRASimilarity = pack("nodes.analysis").GrassmannLoRASimilarity
+
+    a = random_lora("sd1", rank=4, seed=0, limit=12)
+    b = perturbed_lora(a, 0.3, seed=1)
+    out = GrassmannLoRASimilarity().run(a, b, side="out", top=0, module="")
+    heat, grid, summary = out["result"]
+    ref = compare(a, b, side="out")
+    assert summary == ref.text_summary()
+    assert heat.dim() == 4 and heat.shape[0] == 1 and heat.shape[3] == 3
+    assert float(heat.min()) >= 0 and float(heat.max()) <= 1
+    head = out["ui"][common.TABLE_UI_KEY][0]
+    agg = ref.summary()["sides"]["out"]
+    assert head["rows"][0][2] == f"{agg['phi_mean']:.4f}"
+    # the default φ grid is the most similar module; its image matches core's
+    best = agg["most_similar"][0]["module"]
+    want = np.asarray(ref.grid_image(best, "out"), dtype=np.float32) / 255.0
+    assert grid.shape[1:3] == want.shape[:2]
+    assert np.allclose(grid[0].numpy(), want)
+
+
+def test_similarity_module_lookup_and_errors():
+    GrassmannLoRASimilarity = pack("nodes.analysis").GrassmannLoRASimilarity
+
+    a = random_lora("sd1", rank=4, seed=0, limit=12)
+    b = random_lora("sd1", rank=4, seed=1, limit=12)
+    name = next(iter(a.modules))
+    short = name.removeprefix("lora_unet_")
+    out = GrassmannLoRASimilarity().run(a, b, side="in", top=2, module=short)
+    assert name in out["ui"][common.TABLE_UI_KEY][0]["note"]
+    with pytest.raises(LoraError, match="not shared"):
+        GrassmannLoRASimilarity().run(a, b, side="out", top=0, module="no_such_module")
+    sd2 = random_lora("sd2", rank=4, seed=0, limit=4)
+    with pytest.raises(LoraError):
+        GrassmannLoRASimilarity().run(a, sd2, side="out", top=0, module="")
+
+
+# ----------------------------------------------------------------------------- Kernel Matrix
+
+def test_kernel_matrix_node_matches_core():
+    km_mod = pack("core.kernel_matrix")
+    node = pack("nodes.analysis").GrassmannLoRAKernelMatrix()
+    a = random_lora("sd1", rank=4, seed=0, limit=10, path="a.safetensors")
+    b = perturbed_lora(a, 0.2, seed=1, path="b.safetensors")
+    c = random_lora("sd1", rank=4, seed=2, limit=10, path="c.safetensors")
+    out = node.run("projection-rbf", 0.5, 2.0, "out", 0, "", "spectral", 2, 0.5, 2, False, 0,
+                   lora_1=a, lora_3=c, lora_2=b)                     # slot order, not keyword order
+    heat, clusters, matrix_json = out["result"]
+    km = km_mod.compute_kernel_matrix([a, b, c], "projection-rbf", 0.5, 2.0, "out")
+    res = km_mod.cluster_kernel_matrix(km, "spectral", 2, seed=0)
+    assert clusters == km.clusters_text(res)
+    assert json.loads(matrix_json) == json.loads(km.to_json(result=res))
+    assert np.allclose(np.array(json.loads(matrix_json)["matrix"]), km.matrix)
+    # a and its perturbation cluster together, c alone
+    labels = json.loads(matrix_json)["labels"]
+    assert labels[0] == labels[1] != labels[2]
+    tables = out["ui"][common.TABLE_UI_KEY]
+    shown = np.array([[float(x) for x in row[1:]] for row in tables[1]["rows"]])
+    order = res.order
+    assert np.allclose(shown, km.matrix[np.ix_(order, order)], atol=5e-4)
+    assert heat.shape[0] == 1 and heat.shape[3] == 3
+
+
+def test_kernel_matrix_node_errors_and_no_clustering():
+    node = pack("nodes.analysis").GrassmannLoRAKernelMatrix()
+    with pytest.raises(LoraError, match="connect at least one"):
+        node.run("projection-rbf", 1.0, 2.0, "out", 0, "", "spectral", 0, 0.5, 2, False, 0)
+    a = random_lora("sd1", rank=4, seed=0, limit=4)
+    sd2 = random_lora("sd2", rank=4, seed=0, limit=4)
+    with pytest.raises(LoraError):
+        node.run("projection-rbf", 1.0, 2.0, "out", 0, "", "spectral", 0, 0.5, 2, False, 0,
+                 lora_1=a, lora_2=sd2)
+    out = node.run("projection-rbf", 1.0, 2.0, "out", 0, "", "none", 0, 0.5, 2, False, 0,
+                   lora_1=a, lora_2=random_lora("sd1", rank=4, seed=5, limit=4))
+    assert out["result"][1] == "no clustering"
+
+
+# ----------------------------------------------------------------------------- Karcher Merge
+
+def test_merge_node_matches_core_and_leaves_model_alone():
+    merge = pack("core.merge").merge
+    node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    a = random_lora("sd1", rank=4, seed=0, limit=6, path="a.safetensors")
+    b = perturbed_lora(a, 0.3, seed=1, path="b.safetensors")
+    model, clip = object(), object()
+    # strengths 0: like LoraLoader, MODEL/CLIP pass through untouched (no ComfyUI needed)
+    out = node.run(model, clip, "karcher", 0, "0.7, 0.3", "fp16", 0.0, 0.0, 0.2, 0.5, 0,
+                   lora_1=a, lora_2=b)
+    m, c, merged, text = out["result"]
+    assert m is model and c is clip
+    ref = merge([a, b], [0.7, 0.3], "karcher", None, dtype=torch.float16)
+    assert text == ref.report.table()
+    assert set(merged.modules) == set(ref.lora.modules)
+    for name, mod in ref.lora.modules.items():
+        assert merged.modules[name].dtype == torch.float16
+        assert torch.equal(merged.modules[name].up, mod.up) and torch.equal(merged.modules[name].down, mod.down)
+    sources = out["ui"][common.TABLE_UI_KEY][0]["rows"]
+    assert [r[1] for r in sources] == ["a", "b"] and sources[0][2] == "0.7"
+    kept = ref.report.summary()["kept"]["a.safetensors"]
+    assert sources[0][3] == f"{kept:.3f}"
+
+
+def test_merge_node_errors():
+    node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    a = random_lora("sd1", rank=4, seed=0, limit=4)
+    b = random_lora("sd1", rank=4, seed=1, limit=4)
+    with pytest.raises(LoraError, match="connect at least one"):
+        node.run(None, None, "karcher", 0, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0)
+    with pytest.raises(LoraError, match="1 number"):
+        node.run(None, None, "karcher", 0, "1", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
+    with pytest.raises(LoraError, match="linear merge is exact"):
+        node.run(None, None, "linear", 8, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
+    with pytest.raises(LoraError, match="negative"):
+        node.run(None, None, "karcher", 0, "1, -1", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
+
+
+# ----------------------------------------------------------------------------- Load cache
+
+def test_load_cache_rereads_changed_files(tmp_path):
+    lora_io = pack("nodes.lora_io")
+    path = tmp_path / "x.safetensors"
+    pack("core.save").save_kohya(random_lora("sd1", rank=2, seed=0, limit=3), str(path))
+    first = lora_io.load_cached(str(path))
+    assert lora_io.load_cached(str(path)) is first
+    pack("core.save").save_kohya(random_lora("sd1", rank=2, seed=1, limit=3), str(path), overwrite=True)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    second = lora_io.load_cached(str(path))
+    assert second is not first
+    name = next(iter(first.modules))
+    assert not torch.equal(first.modules[name].up, second.modules[name].up)
+
+
+def test_apply_save_as_written_keeps_lokr_products_fp32():
+    """'as stored' writes LoHa/LoKr products in fp32 (what `core convert` writes), plain LoRAs as stored."""
+    lora = random_lora("sd1", rank=2, seed=0, limit=2, dtype=torch.float16)
+    name = next(iter(lora.modules))
+    lora.modules[name].kind = "lokr"
+    written = common.as_written(lora, None)
+    assert written.modules[name].dtype == torch.float32
+    assert all(m.dtype == torch.float16 for n, m in written.modules.items() if n != name)
+    assert common.as_written(lora, torch.float16) is lora
