@@ -113,8 +113,12 @@ function tableWidget(node) {
   let value = [];
   let measured = { width: 0, height: 60 };
   const needed = () => {
-    if (Math.abs(measured.width - node.size[0]) > 8) {
-      measured = { width: node.size[0], height: measureTables(node, el) + 8 };
+    if (el.isConnected && el.offsetParent !== null && el.clientWidth > 0) {
+      // on screen: the element's own content height (in graph units; the canvas
+      // zoom is a CSS transform on top)
+      measured = { width: node.size[0], height: el.scrollHeight + 16 };
+    } else if (Math.abs(measured.width - node.size[0]) > 8) {
+      measured = { width: node.size[0], height: measureTables(node, el) + 16 };
     }
     return Math.min(Math.max(60, measured.height), MAX_TABLE_HEIGHT);
   };
@@ -138,6 +142,7 @@ function showTables(node, tables) {
   const widget = tableWidget(node);
   widget.value = tables;
   requestAnimationFrame(() => fitNode(node));
+  setTimeout(() => fitNode(node), 250);   // again once the table has been laid out on screen
 }
 
 function fitNode(node, withPreview) {

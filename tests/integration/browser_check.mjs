@@ -44,11 +44,20 @@ function check(cond, what, data = {}) {
 }
 
 try {
+  // a returning user: no first-run template browser over the canvas
+  await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
+  const templates = await (await fetch(`${url}/api/workflow_templates`)).json();
+  check(JSON.stringify((templates.grassmann_lora || []).sort()) ===
+    JSON.stringify(["1_side_by_side_merges", "2_library_map", "3_two_lora_analysis"]),
+    "the example workflows are offered in ComfyUI's template browser", { grassmann_lora: templates.grassmann_lora });
   await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
   await page.waitForFunction(() => {
     const app = window.app ?? window.comfyAPI?.app?.app;
     return app && app.isGraphReady && app.canvas && window.LiteGraph?.registered_node_types?.["GrassmannLoRALoad"];
   }, null, { timeout: 120000 });
+  // let the start-up workflow finish loading before we replace the graph
+  await page.waitForLoadState("networkidle", { timeout: 60000 }).catch(() => {});
+  await page.waitForTimeout(1500);
   const extLoaded = await page.evaluate(() =>
     performance.getEntriesByType("resource").some((e) => e.name.includes("/extensions/grassmann_lora/grassmann_lora.js")));
   check(extLoaded, "web/grassmann_lora.js was loaded by the front end");
