@@ -173,5 +173,11 @@ def save_lora(lora, folder: str, filename: str, dtype=None, overwrite: bool = Fa
 
 
 def _recipe_metadata(lora) -> dict:
-    """Keep what the merge recorded about itself (grassmann_lora.* keys)."""
-    return {k: v for k, v in (lora.metadata or {}).items() if k.startswith("grassmann_lora.")}
+    """A merge keeps its recipe; any other LoRA (a conversion) keeps what
+    `python -m core convert` keeps: the training metadata and where it came from."""
+    from ..core.commands.convert import carried_metadata
+    from ..core.merge import RECIPE_KEY
+
+    if RECIPE_KEY in (lora.metadata or {}):
+        return {RECIPE_KEY: lora.metadata[RECIPE_KEY]}
+    return carried_metadata(lora)

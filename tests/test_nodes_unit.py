@@ -261,6 +261,24 @@ def test_save_writes_kohya_and_refuses_escape_and_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loras"]
 
 
+def test_save_metadata_recipe_or_source(tmp_path):
+    from safetensors import safe_open
+
+    a = random_lora("sd1", rank=4, seed=0, limit=4, path="a.safetensors")
+    a.metadata["ss_output_name"] = "my style"
+    b = random_lora("sd1", rank=4, seed=1, limit=4, path="b.safetensors")
+    merged = pack("core.merge").merge([a, b], None, "svd", 2).lora
+    for lora, name in ((a, "conv"), (merged, "merged")):
+        path, _ = save_lora(lora, str(tmp_path), name)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        if lora is a:
+            assert meta["ss_output_name"] == "my style" and meta["grassmann_lora.source_file"] == "a.safetensors"
+        else:
+            assert json.loads(meta["grassmann_lora.merge"])["method"] == "svd"
+            assert "grassmann_lora.source_file" not in meta
+
+
 def test_save_symlink_escape_refused(tmp_path):
     folder = tmp_path / "loras"
     folder.mkdir()

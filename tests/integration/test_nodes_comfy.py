@@ -285,6 +285,8 @@ def _side_by_side_graph() -> dict:
                                                             "filename_prefix": f"source_{k}"}}
         g[f"10{k}"] = {"class_type": "GrassmannTestWeightDigest", "inputs": {"model": [src, 0],
                                                                              "clip": [src, 1]}}
+    # the checkpoint's own MODEL/CLIP, used by all five patching nodes, must stay unpatched
+    g["110"] = {"class_type": "GrassmannTestWeightDigest", "inputs": {"model": ["1", 0], "clip": ["1", 1]}}
     return g
 
 
@@ -296,6 +298,8 @@ def side_by_side(comfy):
     n = len(eg.SIDE_BY_SIDE_SOURCES)
     images = [comfy.output_images(entry, f"9{k}", load=True)[0] for k in range(n)]
     digests = [ui(entry, f"10{k}")["digest"][0] for k in range(n)]
+    base = ui(entry, "110")["digest"][0]
+    assert base["model"].startswith("0 patched") and base["clip"].startswith("0 patched"), base
     return entry, log, images, digests
 
 
@@ -313,10 +317,10 @@ def test_side_by_side_runs_clean(comfy, side_by_side):
             assert digests[i]["model"] != digests[j]["model"], f"{labels[i]} and {labels[j]}: same UNet weights"
             if i < 2:
                 assert not np.array_equal(images[i], images[j]), f"{labels[i]} and {labels[j]}: same image"
-    mad = {f"{labels[i]} vs {labels[j]}": float(np.abs(images[i] - images[j]).mean() * 255)
-           for i in range(len(images)) for j in range(i + 1, len(images))}
-    print("\n[comfy] mean |Δ| between branches, 8-bit levels: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in mad.items()))
+    changed = {f"{labels[i]} vs {labels[j]}": int((images[i] != images[j]).any(axis=-1).sum())
+               for i in range(len(images)) for j in range(i + 1, len(images))}
+    print(f"\n[comfy] pixels (of {SIZE * SIZE}) that differ between branches: "
+          + ", ".join(f"{k} {v}" for k, v in changed.items()))
     # every module of every source was patched: A is UNet-only (128), B has 144 UNet + 48 TE
     count = [{p: int(d[p].split()[0]) for p in d} for d in digests]
     assert count[0] == {"model": 128, "clip": 0} and count[1] == {"model": 144, "clip": 48}
