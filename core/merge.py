@@ -80,7 +80,7 @@ class ModuleReport:
 
     name: str
     group: str
-    status: str                    # merged (all sources) | partial (some) | copied (one)
+    status: str                    # merged (all weighted sources) | partial (some) | copied (one)
     sources: list[int]
     rank: int
     target_norm: float             # ‖Σ w_k ΔW_k‖_F
@@ -190,6 +190,8 @@ class MergeReport:
 
         for label, mods in groups.items():
             rows.append(row(label, mods))
+        if not self.modules:
+            return f"{self.method} merge: no module left to write ({self.skipped})"
         rows.append(row("all", self.modules))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"{self.method} merge of {len(self.sources)} LoRAs ({self.family}), weights "
@@ -254,7 +256,6 @@ class _Job:
     name: str
     shape: tuple[int, ...]
     sources: list[_Source]     # live sources with nonzero weight
-    present: int               # sources that have the module at all
     rank: int = 0
     capped: bool = False
     _target: FactoredSVD | None = None
@@ -329,8 +330,7 @@ def _plan(loras: list[LoraFile], w: list[float], device: torch.device) -> tuple[
         if name not in live:
             dead.append(name)
             continue
-        present = sum(name in lora.modules for lora in loras)
-        jobs.append(_Job(name, live[name][0].module.weight_shape, live[name], present))
+        jobs.append(_Job(name, live[name][0].module.weight_shape, live[name]))
     return jobs, dead
 
 
@@ -594,7 +594,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         for job in jobs:
             up, down, scale, kstats = results[job.name]
             status = ("copied" if len(job.sources) == 1 else
-                      "merged" if len(job.sources) == len(loras) else "partial")
+                      "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
             mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats)
             if mod is None:
                 cancelled.append(job.name)

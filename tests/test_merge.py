@@ -307,7 +307,9 @@ def test_cancelling_sum_is_left_out_with_a_warning():
     a = lora(1)
     res = merge([a, a], [1.0, -1.0], method="svd")
     assert not res.lora.modules and len(res.report.skipped["cancelled"]) == len(NAMES)
-    assert any("cancel" in w for w in res.report.warnings)
+    assert any("cancel" in w for w in res.report.warnings) and "no module left" in res.report.table()
+    with pytest.raises(LoraError, match="no modules"):
+        res.save("never-written.safetensors")
 
 
 # ---------------------------------------------------------------- bad input
