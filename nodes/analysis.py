@@ -143,7 +143,8 @@ def kernel_tables(km, result) -> list[dict]:
 class GrassmannLoRAKernelMatrix:
     DESCRIPTION = ("Grassmann kernel matrix of any number of LoRAs over the modules they share (Harandi "
                    "et al. 2014 projection and Binet–Cauchy kernels), with clustering: a map of a LoRA "
-                   "library.")
+                   "library. Connect LoRAs to lora_1, lora_2, …: a new input appears as each one is "
+                   "connected.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True

@@ -12,7 +12,8 @@ METHODS = ["karcher", "linear", "concat", "svd", "ties", "dare"]
 class GrassmannLoRAKarcherMerge:
     DESCRIPTION = ("Merges the connected LoRAs into one LoRA of the chosen rank (Karcher mean of their "
                    "subspaces on the Grassmann manifold, or a classic method) and applies it to MODEL and "
-                   "CLIP exactly as LoraLoader would apply the saved file.")
+                   "CLIP exactly as LoraLoader would apply the saved file. Connect LoRAs to lora_1, "
+                   "lora_2, …: a new input appears as each one is connected.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "CLIP", LORA_TYPE, "STRING")

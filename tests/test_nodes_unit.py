@@ -85,6 +85,18 @@ def test_node_declarations(node_id):
             assert opts["default"] in kind
 
 
+def test_pack_import_is_cheap():
+    """Importing the pack (what ComfyUI does at start) loads neither torch nor core."""
+    import subprocess
+    code = ("import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('gl_pack', {str(ROOT / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(ROOT)!r}]); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['gl_pack'] = m; spec.loader.exec_module(m); "
+            "print(len(m.NODE_CLASS_MAPPINGS), 'torch' in sys.modules, 'gl_pack.core' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["7", "False", "False"], out.stdout + out.stderr
+
+
 def test_display_names_unique_and_mapped():
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     assert len(set(NODE_DISPLAY_NAME_MAPPINGS.values())) == len(NODE_DISPLAY_NAME_MAPPINGS)
