@@ -5,6 +5,9 @@ from core.factored import dense_svd, module_svd, modules_svd, svd_from_factors
 from core.lora import LoraModule
 from core.synthetic import random_lora
 
+# Dense reference SVDs are many times slower with 2 threads on 2-core machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def principal_angle_max(a: torch.Tensor, b: torch.Tensor) -> float:
     s = torch.linalg.svdvals(a.T @ b).clamp(max=1.0)
