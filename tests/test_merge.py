@@ -263,17 +263,31 @@ def test_dare_combine_keeps_the_expected_fraction():
 def test_dense_methods_chunk_wide_and_tall_modules_alike(monkeypatch):
     import core.merge as cm
     srcs = [lora(1, rank=3, names=[NAMES[0], NAMES[4]]), lora(2, rank=3, names=[NAMES[0], NAMES[4]])]
-    whole = merge(srcs, [1, 1], method="dare", rank=5, seed=4, dtype=F64)
-    monkeypatch.setattr(cm, "CHUNK_ELEMENTS", 5000)      # many chunks, other masks: compare ties instead
-    ties_small = merge(srcs, [1, 1], method="ties", rank=5, dtype=F64)
-    monkeypatch.setattr(cm, "CHUNK_ELEMENTS", 1 << 22)
-    ties_big = merge(srcs, [1, 1], method="ties", rank=5, dtype=F64)
-    for name in (NAMES[0], NAMES[4]):
-        assert rel(ties_small.lora.modules[name].delta(), ties_big.lora.modules[name].delta()) < 1e-9
-        assert torch.isfinite(whole.lora.modules[name].delta()).all()
+    results = {}
+    for chunk in (5000, 1 << 22):                         # many chunks / one chunk per module
+        monkeypatch.setattr(cm, "CHUNK_ELEMENTS", chunk)
+        results[chunk] = [merge(srcs, [1, 1], method=m, rank=5, seed=4, dtype=F64) for m in ("ties", "dare")]
+    for small, big in zip(results[5000], results[1 << 22]):   # DARE masks do not depend on chunking
+        for name in (NAMES[0], NAMES[4]):
+            assert rel(small.lora.modules[name].delta(), big.lora.modules[name].delta()) < 1e-9
+            assert torch.isfinite(small.lora.modules[name].delta()).all()
 
 
-# ---------------------------------------------------------------- partial / dead
+@pytest.mark.parametrize("kind", ["gaussian", "low_rank", "few_values"])
+def test_ties_threshold_is_the_exact_quantile(kind):
+    g = torch.Generator().manual_seed(0)
+    if kind == "gaussian":
+        t = torch.randn(700, 900, generator=g, dtype=F64)
+    elif kind == "low_rank":                              # what TIES sees: a rank-4 task vector
+        t = torch.randn(1100, 4, generator=g, dtype=F64) @ torch.randn(4, 800, generator=g, dtype=F64)
+    else:                                                 # heavy ties: the bracket holds many equal values
+        t = torch.randint(-3, 4, (800, 700), generator=g).to(F64)
+    flat = np.sort(np.abs(t.numpy()).ravel())[::-1]
+    for density in (0.001, 0.2, 0.5, 0.97, 1.0):
+        keep = max(1, int(math.floor(density * flat.size + 0.5)))
+        assert ties_threshold(t, density) == flat[keep - 1]
+
+
 def test_partial_modules_merged_among_owners_and_single_ones_copied():
     a = lora(1, names=NAMES)
     b = lora(2, names=NAMES[:3])
