@@ -50,6 +50,7 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -606,7 +607,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           dtype: torch.dtype = torch.float32, seed: int = 0, ties_density: float = 0.2,
           dare_drop: float = 0.5, naming: str = "first", distance: str = "geodesic",
           device: torch.device | str | None = None, batched: bool | None = None,
-          threads: int | None = 1, tol: float | None = None, max_iter: int = 50) -> MergeResult:
+          threads: int | None = 1, tol: float | None = None, max_iter: int = 50,
+          progress: Callable[[int, int], None] | None = None) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA; see the module docstring.
 
     dtype: factor dtype of the result (computation is float64). ties_density:
@@ -619,6 +621,9 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     equal shape for the Karcher means (default: on CUDA only; a plain loop
     measured faster on the CPU). threads: CPU intra-op threads during the merge
     (restored after; None leaves torch's setting). tol, max_iter: Karcher stop.
+    progress(done, total) is called after each module is merged and measured
+    (total = modules to merge); raising inside it stops the merge (how ComfyUI
+    cancels): the exception propagates and nothing is returned.
     """
     if method not in METHODS:
         raise LoraError(f"unknown merge method '{method}' (choose from {', '.join(METHODS)})")
@@ -642,23 +647,27 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         if not jobs:
             raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
         _assign_ranks(jobs, method, rank)
-        results = _run(jobs, method, w, distance, tol, max_iter, batched, ties_density, dare_drop, seed, dev)
         report = MergeReport(method, w, rank, family, [lora.name for lora in loras],
                              distance if method == "karcher" else None, skipped={"dead": dead} if dead else {})
-        out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
         groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
-        cancelled = []
-        for job in jobs:
-            up, down, scale, kstats = results[job.name]
+        done: dict[str, tuple[ModuleReport, LoraModule] | None] = {}
+        for job, (up, down, scale, kstats) in _run(jobs, method, w, distance, tol, max_iter, batched,
+                                                  ties_density, dare_drop, seed, dev):
             status = ("copied" if len(job.sources) == 1 else
                       "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
             mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats)
-            if mod is None:
+            done[job.name] = None if mod is None else (
+                mod, _merged(up, down, job, dtype, scale, job.sources[0].module.rank if status == "copied" else None))
+            if progress is not None:
+                progress(len(done), len(jobs))
+        out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
+        cancelled = []
+        for job in jobs:                              # report and file in module order
+            if done[job.name] is None:
                 cancelled.append(job.name)
                 continue
-            report.modules.append(mod)
-            out.modules[job.name] = _merged(up, down, job, dtype, scale,
-                                            job.sources[0].module.rank if status == "copied" else None)
+            report.modules.append(done[job.name][0])
+            out.modules[job.name] = done[job.name][1]
             if job.capped:
                 report.capped.append(job.name)
     if cancelled:
@@ -672,21 +681,21 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     return MergeResult(out, report, key_names)
 
 
-def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev) -> dict:
-    """name -> (up, down, scale, karcher stats) on the compute device, float64."""
-    results: dict[str, tuple] = {}
+def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev):
+    """Yields (job, (up, down, scale, karcher stats)) on the compute device, float64,
+    as each module is done (Karcher batches: when the batch is)."""
     karcher_jobs = []
     for job in jobs:
         if len(job.sources) == 1:                      # only one source: its own factors, weighted
             s = job.sources[0]
-            results[job.name] = (s.module.up.to(dev, torch.float64), s.module.down.to(dev, torch.float64),
-                                 s.weight * s.module.scale, None)
+            yield job, (s.module.up.to(dev, torch.float64), s.module.down.to(dev, torch.float64),
+                        s.weight * s.module.scale, None)
         elif method in ("linear", "concat"):
-            results[job.name] = (*_linear(job, dev), 1.0, None)
+            yield job, (*_linear(job, dev), 1.0, None)
         elif method == "svd":
-            results[job.name] = (*_svd(job), 1.0, None)
+            yield job, (*_svd(job), 1.0, None)
         elif method in ("ties", "dare"):
-            results[job.name] = (*_dense(job, method, density, drop, seed), 1.0, None)
+            yield job, (*_dense(job, method, density, drop, seed), 1.0, None)
         else:
             karcher_jobs.append(job)
     batches: dict[tuple, list[_Job]] = {}
@@ -695,8 +704,7 @@ def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed,
         batches.setdefault(key, []).append(job)
     for group in batches.values():
         for job, (up, down, stats) in zip(group, _karcher(group, distance, tol, max_iter)):
-            results[job.name] = (up, down, 1.0, stats)
-    return results
+            yield job, (up, down, 1.0, stats)
 
 
 def _warn(report: MergeReport) -> None:

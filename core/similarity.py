@@ -23,6 +23,7 @@ import re
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -425,7 +426,8 @@ def _group_of(family: str, name: str) -> str:
 
 def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
             modules: list[str] | None = None, device: torch.device | str | None = None,
-            workers: int | None = None) -> SimilarityReport:
+            workers: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> SimilarityReport:
     """Compare two LoRAs on 'out' (column space), 'in' (row space) or 'both' sides.
 
     ``top``: compare the top-``top`` singular vectors of each module (capped at
@@ -434,6 +436,9 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     missing). Runs on the CPU unless ``device`` says otherwise, with
     ``workers`` threads over modules (default: one per core, at most
     MAX_WORKERS), each doing single-threaded linear algebra.
+    ``progress(done, total)`` is called after each shared module (in module
+    order, from the calling thread); raising inside it stops the comparison
+    (how ComfyUI cancels): modules not yet started are dropped.
     """
     if side not in ("out", "in", "both"):
         raise LoraError(f"side must be 'out', 'in' or 'both', got {side!r}")
@@ -468,13 +473,20 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     # in parallel because it releases the GIL inside its kernels.
     with linalg_threads(1 if dev.type == "cpu" else None):
         if workers == 1 or len(shared) < 2:
-            per_module = [one(n) for n in shared]
+            per_module = map(one, shared)
+            pool = None
         else:
             # OpenMP thread counts are per thread: each worker sets its own to 1.
-            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                per_module = list(pool.map(one, shared))
-    for results in per_module:
-        report.results.extend(results)
+            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+            per_module = pool.map(one, shared)
+        try:
+            for done, results in enumerate(per_module, 1):
+                report.results.extend(results)
+                if progress is not None:
+                    progress(done, len(shared))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     return report
 
 

@@ -95,15 +95,16 @@ class GrassmannLoRASimilarity:
     def run(self, lora_a, lora_b, side, top, module):
         from ..core.similarity import compare
 
-        progress = Progress(3)
-        report = compare(lora_a, lora_b, side=side, top=top or None)
-        progress(1)
+        progress = Progress(1)
+        # progress per shared module, then the two images (cancel raises in progress)
+        report = compare(lora_a, lora_b, side=side, top=top or None,
+                         progress=lambda done, total: progress(done, total + 2))
         first_side = report.sides[0]
         grid_module = _find_module(report, module, first_side)
         heat = report.heatmap_image()
-        progress(2)
+        progress(progress.total - 1)
         grid = report.grid_image(grid_module, first_side)
-        progress(3)
+        progress(progress.total)
         summary = report.text_summary()
         return node_result((pil_to_image(heat), pil_to_image(grid), summary),
                            tables=similarity_tables(report, grid_module), text=summary,

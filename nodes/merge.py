@@ -7,6 +7,7 @@ from .common import (CATEGORY, DTYPE_CHOICES, LORA_TYPE, Progress, apply_lora, c
                      lora_slot_inputs, node_result, parse_weights, save_dtype, table, text_block)
 
 METHODS = ["karcher", "linear", "concat", "svd", "ties", "dare"]
+EXACT_METHODS = ("linear", "concat")     # no merge rank: the rank input is ignored for them
 
 
 class GrassmannLoRAKarcherMerge:
@@ -36,9 +37,11 @@ class GrassmannLoRAKarcherMerge:
                                                 "approximation of the weighted sum; ties / dare: TIES sign "
                                                 "consensus or DARE drop-and-rescale on ΔW, then rank p."}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                 "tooltip": "Rank p of the merged LoRA (karcher, svd, ties, dare); 0 uses, per "
-                                            "module, the smallest rank among its sources. linear and concat are "
-                                            "exact at the summed rank and need 0 here."}),
+                                 "tooltip": "Rank p of the merged LoRA (karcher, svd, ties, dare). 0: per "
+                                            "module, the smallest rank among the sources that have it (a "
+                                            "source's effective rank when lower than its nominal one). "
+                                            "Modules whose sources allow less get what they allow. Ignored "
+                                            "by linear and concat: they are exact, at the summed rank."}),
                 "weights": ("STRING", {"default": "",
                                        "tooltip": "One weight per connected LoRA, comma-separated, in slot "
                                                   "order (e.g. '0.7, 0.3'; weight 1 = that LoRA at full "
@@ -71,19 +74,23 @@ class GrassmannLoRAKarcherMerge:
         loras = [lora for _, lora in connected_loras(slots)]
         if not loras:
             raise LoraError("Karcher Merge LoRA: connect at least one LoRA (lora_1, lora_2, …)")
-        progress = Progress(2)
-        progress(0)
-        result = merge(loras, parse_weights(weights, len(loras)), method, rank or None,
+        progress = Progress(1)
+        result = merge(loras, parse_weights(weights, len(loras)), method, merge_rank(method, rank),
                        dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
-                       dare_drop=dare_drop, naming="kohya")
-        progress(1)
+                       dare_drop=dare_drop, naming="kohya", progress=progress)   # per module; cancel raises
         # The merged factors are already cast to `dtype`: applying them "as stored"
         # is exactly what LoraLoader does with the file Save LoRA writes from them.
         model_out, clip_out = apply_lora(model, clip, result.lora, strength_model, strength_clip, None)
-        progress(2)
+        progress(progress.total)
         text = result.report.table()
         return node_result((model_out, clip_out, result.lora, text),
                            tables=fidelity_tables(result.report), text=text)
+
+
+def merge_rank(method: str, rank: int) -> int | None:
+    """The node's rank input as core.merge takes it: 0 (and any value for the
+    exact linear/concat merges, which have no rank) is None = core's default."""
+    return None if method in EXACT_METHODS or rank == 0 else rank
 
 
 def fidelity_tables(report) -> list[dict]:

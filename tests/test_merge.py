@@ -327,6 +327,26 @@ def test_cancelling_sum_is_left_out_with_a_warning():
 
 
 # ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("method", ["karcher", "svd", "ties", "linear"])
+def test_progress_counts_modules_and_raising_in_it_aborts(method):
+    srcs = [lora(1), related(lora(1), 0.3, 2)]
+    calls = []
+    merge(srcs, method=method, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, len(NAMES)) for i in range(1, len(NAMES) + 1)]
+
+    class Stop(Exception):
+        pass
+
+    def cancel(done, total):
+        calls.append(done)
+        if done == 2:
+            raise Stop
+    calls, threads = [], torch.get_num_threads()
+    with pytest.raises(Stop):
+        merge(srcs, method=method, progress=cancel, threads=1)
+    assert calls == [1, 2] and torch.get_num_threads() == threads
+
+
 def test_bad_input_is_a_clear_error():
     a, b = lora(1), lora(2)
     xl = random_lora("sdxl", rank=4, seed=3, limit=3)

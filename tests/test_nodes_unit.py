@@ -426,10 +426,73 @@ def test_merge_node_errors():
         node.run(None, None, "karcher", 0, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0)
     with pytest.raises(LoraError, match="1 number"):
         node.run(None, None, "karcher", 0, "1", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
-    with pytest.raises(LoraError, match="linear merge is exact"):
-        node.run(None, None, "linear", 8, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
     with pytest.raises(LoraError, match="negative"):
         node.run(None, None, "karcher", 0, "1, -1", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
+
+
+def test_merge_node_rank_input_means_what_core_does():
+    merge = pack("core.merge").merge
+    node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    a = random_lora("sd1", rank=4, seed=0, limit=4, path="a.safetensors")
+    b = random_lora("sd1", rank=6, seed=1, limit=4, path="b.safetensors")
+    for method in ("linear", "concat"):          # exact: a rank left set for another method is ignored
+        merged = node.run(None, None, method, 8, "", "fp32", 0.0, 0.0, 0.2, 0.5, 0,
+                          lora_1=a, lora_2=b)["result"][2]
+        ref = merge([a, b], None, method, None).lora
+        assert {n: m.rank for n, m in merged.modules.items()} == {n: 10 for n in ref.modules}
+        for name, mod in ref.modules.items():
+            assert torch.equal(merged.modules[name].delta(), mod.delta())
+    # rank 0 = core's default: per module the smallest source rank
+    merged = node.run(None, None, "svd", 0, "", "fp32", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)["result"][2]
+    assert {m.rank for m in merged.modules.values()} == {4}
+    merged = node.run(None, None, "svd", 5, "", "fp32", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)["result"][2]
+    assert {m.rank for m in merged.modules.values()} == {5}
+
+
+class _FakeProgressBar:
+    """comfy.utils.ProgressBar stand-in: records updates; raises like ComfyUI
+    does on cancel once `cancel_at` updates have been made."""
+    updates: list = []
+    cancel_at: int | None = None
+
+    def __init__(self, total):
+        self.total = total
+
+    def update_absolute(self, value, total=None):
+        type(self).updates.append((value, total))
+        if self.cancel_at is not None and len(self.updates) >= self.cancel_at:
+            raise InterruptedError("cancelled by the user")
+
+
+@pytest.fixture
+def fake_comfy_progress(monkeypatch):
+    import types
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.ModuleType("comfy.utils")
+    comfy.utils.ProgressBar = _FakeProgressBar
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    _FakeProgressBar.updates, _FakeProgressBar.cancel_at = [], None
+    return _FakeProgressBar
+
+
+def test_merge_and_similarity_nodes_show_progress_per_module_and_stop_on_cancel(fake_comfy_progress):
+    merge_node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    sim_node = pack("nodes.analysis").GrassmannLoRASimilarity()
+    a = random_lora("sd1", rank=4, seed=0, limit=5, path="a.safetensors")
+    b = perturbed_lora(a, 0.3, seed=1, path="b.safetensors")
+    merge_node.run(None, None, "svd", 0, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0, lora_1=a, lora_2=b)
+    assert fake_comfy_progress.updates == [(i, 5) for i in range(1, 6)] + [(5, 5)]
+    fake_comfy_progress.updates = []
+    sim_node.run(a, b, "out", 0, "")
+    assert fake_comfy_progress.updates == [(i, 7) for i in range(1, 8)]
+    for run in (lambda: merge_node.run(None, None, "karcher", 0, "", "fp16", 0.0, 0.0, 0.2, 0.5, 0,
+                                       lora_1=a, lora_2=b),
+                lambda: sim_node.run(a, b, "out", 0, "")):
+        fake_comfy_progress.updates, fake_comfy_progress.cancel_at = [], 2
+        with pytest.raises(InterruptedError):
+            run()
+        assert len(fake_comfy_progress.updates) == 2     # stopped at the cancel, no work after it
 
 
 # ----------------------------------------------------------------------------- Load cache
