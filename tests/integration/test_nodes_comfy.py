@@ -101,7 +101,24 @@ class GrassmannTestWeightDigest:
             out[part] = f"{len(keys)} patched, sha256 {h.hexdigest()}"
         return {"ui": {"digest": [out]}, "result": (json.dumps(out),)}
 
-NODE_CLASS_MAPPINGS = {"GrassmannTestWeightDigest": GrassmannTestWeightDigest}
+
+class GrassmannTestPatchCount:
+    # how many weights ComfyUI's LoRA loading patched (cheap: nothing is loaded)
+    CATEGORY = "testing"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}}
+
+    def run(self, model, clip):
+        out = {"model": len(model.patches), "clip": len(clip.patcher.patches)}
+        return {"ui": {"patches": [out]}, "result": (json.dumps(out),)}
+
+NODE_CLASS_MAPPINGS = {"GrassmannTestWeightDigest": GrassmannTestWeightDigest,
+                       "GrassmannTestPatchCount": GrassmannTestPatchCount}
 """
 
 
@@ -404,6 +421,35 @@ def _similarity(a: str, b: str) -> dict:
     g["3"] = {"class_type": "GrassmannLoRASimilarity",
               "inputs": {"lora_a": ["1", 0], "lora_b": ["2", 0], "side": "out", "top": 0, "module": ""}}
     return g
+
+
+def test_every_merge_method_maps_in_stock_loraloader(comfy):
+    """Issue 5: for the real SD1.5 files every method writes a file whose every
+    module ComfyUI's stock LoraLoader maps and patches."""
+    import torch
+    formats, merging = pack("core.formats"), pack("core.merge")
+    sources = [formats.load_lora(str(comfy.loras_dir / name)) for name in (eg.LORA_A, eg.LORA_B)]
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": eg.CHECKPOINT}}}
+    expected = {}
+    for k, method in enumerate(merging.METHODS):
+        name = f"every_method_{method}.safetensors"
+        result = merging.merge(sources, [0.5, 0.5], method=method)
+        result.save(str(comfy.loras_dir / name), dtype=torch.float16)
+        loader, counter = str(100 + 2 * k), str(101 + 2 * k)
+        graph[loader] = {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+            "strength_model": 1.0, "strength_clip": 1.0}}
+        graph[counter] = {"class_type": "GrassmannTestPatchCount",
+                          "inputs": {"model": [loader, 0], "clip": [loader, 1]}}
+        expected[counter] = (method, len(result.lora.modules))
+    log_before = len(comfy.log_text())
+    entry = run(comfy, graph, "every merge method through stock LoraLoader")
+    log = comfy.log_text()[log_before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    for counter, (method, modules) in expected.items():
+        patched = ui(entry, counter)["patches"][0]
+        assert patched["model"] + patched["clip"] == modules, (method, patched, modules)
+        assert patched["clip"] > 0 and patched["model"] > 0, (method, patched)
 
 
 def test_non_lora_file_is_an_error_naming_it(comfy):
