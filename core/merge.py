@@ -397,10 +397,12 @@ def _linear(job: _Job, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return up, down
 
 
-def _svd(job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd(job: _Job):
+    """(up, down, the result's SVD, its error ‖S_T[p:]‖: exact, a sum of squares)."""
     res = job.target
     p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
-    return _split(res.U[:, :p], res.S[:p], res.V[:, :p])
+    return (*_split(res.U[:, :p], res.S[:p], res.V[:, :p]), res.top(p),
+            float(torch.linalg.vector_norm(res.S[p:])))
 
 
 def _karcher(group: list[_Job], distance: str, tol: float | None, max_iter: int):
@@ -416,8 +418,8 @@ def _karcher(group: list[_Job], distance: str, tol: float | None, max_iter: int)
         u, v = ku.mean[b], kv.mean[b]
         core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
         pp, ss, qh = torch.linalg.svd(core)
-        up, down = _split(u @ pp, ss, v @ qh.T)
-        out.append((up, down, {"U": _side(ku, b), "V": _side(kv, b)}))
+        known = FactoredSVD(u @ pp, ss, v @ qh.T)
+        out.append((*_split(known.U, known.S, known.V), {"U": _side(ku, b), "V": _side(kv, b)}, known))
     return out
 
 
@@ -518,7 +520,7 @@ def _dense(job: _Job, method: str, density: float, drop: float, seed: int):
         taus = [a[rows] @ b for a, b in factors]
         dense[rows] = ties_combine(taus, thresholds) if method == "ties" else dare_combine(taus, drop, gens)
     u, s, v = top_singular(dense, job.rank, seed, start=job.target.V)
-    return _split(u, s, v)
+    return (*_split(u, s, v), FactoredSVD(u, s, v))
 
 
 def top_singular(d: torch.Tensor, p: int, seed: int = 0, rtol: float = 1e-10, max_iter: int = 100,
@@ -560,13 +562,18 @@ def top_singular(d: torch.Tensor, p: int, seed: int = 0, rtol: float = 1e-10, ma
 
 # ------------------------------------------------------------------ fidelity
 def _split_off(basis: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x = basis·c + q·r with q orthonormal and ⊥ basis (projected twice: one
-    Gram–Schmidt pass loses orthogonality when x lies nearly in the span)."""
+    """x = basis·c + q·r with q orthonormal and ⊥ basis. One Gram–Schmidt pass
+    loses orthogonality when x lies nearly in the span, so a second runs when
+    the first removed more than 1 − 1/√2 of some column ("twice is enough",
+    Kahan/Parlett); otherwise the second pass only costs time."""
     c = basis.T @ x
     rest = x - basis @ c
-    c2 = basis.T @ rest
-    q, r = torch.linalg.qr(rest - basis @ c2)
-    return c + c2, q, r
+    if bool((torch.linalg.vector_norm(rest, dim=-2) < torch.linalg.vector_norm(x, dim=-2) / math.sqrt(2)).any()):
+        c2 = basis.T @ rest
+        rest = rest - basis @ c2
+        c = c + c2
+    q, r = torch.linalg.qr(rest)
+    return c, q, r
 
 
 def _error_norm(target: FactoredSVD, up: torch.Tensor, down: torch.Tensor) -> float:
@@ -583,10 +590,14 @@ def _error_norm(target: FactoredSVD, up: torch.Tensor, down: torch.Tensor) -> fl
 
 
 def _fidelity(job: _Job, up: torch.Tensor, down: torch.Tensor, scale: float, group: str,
-              status: str, kstats: dict | None) -> ModuleReport | None:
+              status: str, kstats: dict | None, known: FactoredSVD | None = None,
+              error: float | None = None) -> ModuleReport | None:
+    """known: the merge's SVD when the method built it (no second factorisation);
+    error: ‖ΔW_merge − target‖_F when the method knows it exactly."""
     target = job.target.frobenius()
-    error = _error_norm(job.target, scale * up, down)
-    merged = svd_from_factors(up, down, scale)
+    if error is None:
+        error = _error_norm(job.target, scale * up, down)
+    merged = known if known is not None else svd_from_factors(up, down, scale)
     if merged.dead:
         return None
     merged = merged.top(merged.effective_rank)
@@ -651,11 +662,12 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
                              distance if method == "karcher" else None, skipped={"dead": dead} if dead else {})
         groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
         done: dict[str, tuple[ModuleReport, LoraModule] | None] = {}
-        for job, (up, down, scale, kstats) in _run(jobs, method, w, distance, tol, max_iter, batched,
-                                                  ties_density, dare_drop, seed, dev):
+        for job, (up, down, scale, kstats, known, error) in _run(jobs, method, w, distance, tol, max_iter,
+                                                                batched, ties_density, dare_drop, seed, dev):
             status = ("copied" if len(job.sources) == 1 else
                       "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
-            mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats)
+            mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats,
+                            known, error)
             done[job.name] = None if mod is None else (
                 mod, _merged(up, down, job, dtype, scale, job.sources[0].module.rank if status == "copied" else None))
             if progress is not None:
@@ -682,20 +694,23 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
 
 
 def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev):
-    """Yields (job, (up, down, scale, karcher stats)) on the compute device, float64,
+    """Yields (job, (up, down, scale, karcher stats, the result's SVD if known, its
+    error if known)) on the compute device, float64,
     as each module is done (Karcher batches: when the batch is)."""
     karcher_jobs = []
     for job in jobs:
         if len(job.sources) == 1:                      # only one source: its own factors, weighted
             s = job.sources[0]
             yield job, (s.module.up.to(dev, torch.float64), s.module.down.to(dev, torch.float64),
-                        s.weight * s.module.scale, None)
+                        s.weight * s.module.scale, None, None, None)
         elif method in ("linear", "concat"):
-            yield job, (*_linear(job, dev), 1.0, None)
+            yield job, (*_linear(job, dev), 1.0, None, None, None)
         elif method == "svd":
-            yield job, (*_svd(job), 1.0, None)
+            up, down, known, error = _svd(job)
+            yield job, (up, down, 1.0, None, known, error)
         elif method in ("ties", "dare"):
-            yield job, (*_dense(job, method, density, drop, seed), 1.0, None)
+            up, down, known = _dense(job, method, density, drop, seed)
+            yield job, (up, down, 1.0, None, known, None)
         else:
             karcher_jobs.append(job)
     batches: dict[tuple, list[_Job]] = {}
@@ -703,8 +718,8 @@ def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed,
         key = (job.d_out, job.d_in, job.rank, len(job.sources)) if batched else (i,)
         batches.setdefault(key, []).append(job)
     for group in batches.values():
-        for job, (up, down, stats) in zip(group, _karcher(group, distance, tol, max_iter)):
-            yield job, (up, down, 1.0, stats)
+        for job, (up, down, stats, known) in zip(group, _karcher(group, distance, tol, max_iter)):
+            yield job, (up, down, 1.0, stats, known, None)
 
 
 def _warn(report: MergeReport) -> None:

@@ -98,11 +98,12 @@ def test_svd_equals_dense_truncation_of_the_sum(rank):
         assert abs(mod.rel_error - float(s[rank:].norm() / s.norm())) < 1e-9
 
 
-def test_report_fidelity_matches_dense_computation():
+@pytest.mark.parametrize("method", ["karcher", "svd", "ties", "linear"])
+def test_report_fidelity_matches_dense_computation(method):
     a = lora(1)
     srcs = [a, related(a, 0.3, 2), lora(3)]
     w = [0.5, 0.3, 0.4]
-    res = merge(srcs, w, method="karcher", dtype=F64)
+    res = merge(srcs, w, method=method, dtype=F64)
     for mod in res.report.modules:
         t = target(srcs, w, mod.name)
         dm = res.lora.modules[mod.name].delta()
