@@ -9,8 +9,17 @@ the fidelity report.
 By default every method runs on a sample of --per-shape modules of each
 distinct shape and the whole-LoRA time is EXTRAPOLATED by module count (printed
 as such); --full runs our merges on every module (the dense baseline stays
-sampled unless --full-dense). Also measured on a sample: 1 vs 2 torch threads,
-and the Karcher means looped vs batched by shape.
+sampled unless --full-dense). The dense baseline runs with the same torch
+thread count as ours (1 by default, --threads N for both), printed. Also
+measured on a sample: 1 vs 2 torch threads, and the Karcher means looped vs
+batched by shape.
+
+Flop bound per shape (printed): a dense thin SVD of an m×n ΔW (m ≥ n) costs at
+most ≈ 6mn² + 20n³ (Golub & Van Loan, R-SVD with U and V); ours must at least
+triangularise the stacked factors, Householder QR of an m×R and an n×R matrix
+(R = Σ r_k = 256 here): ≥ 2(m+n)R² − (4/3)R³. Their quotient bounds the speed-up
+any factored svd merge can reach on that shape; where it is below 50×, 50× is
+impossible there by flop count alone.
 
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full] [--full-dense]
                                 [--device cuda] [--max-iter 50]
@@ -91,6 +100,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--skip-threads", action="store_true", help="skip the 1 vs 2 threads comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dense baseline "
+                        "and for our merges alike (default 1)")
     args = parser.parse_args()
     dev = torch.device(args.device)
 
@@ -116,29 +127,34 @@ def main() -> None:
         return sum(len(group) * sum(per_module[n] for n in group[:args.per_shape]) /
                    len(group[:args.per_shape]) for group in by_shape.values())
 
-    # dense baseline: best of 1 and 2 threads on the sample (big SVDs may like 2)
+    # dense baseline with the same thread count as ours
     dense_names = names if args.full_dense else sample
     if dev.type == "cuda":      # warm-up: cuSOLVER/cuBLAS initialisation is not merge time
         dense_svd_merge(loras, sample[:1], dev)
         our_merge(loras, sample[:2], "karcher", dev, max_iter=2)
+    best = args.threads
     dense = {}
-    for threads in ((1, 2) if dev.type == "cpu" else (1,)):
-        with linalg_threads(threads if dev.type == "cpu" else None):
-            dense[threads] = dense_svd_merge(loras, dense_names, dev)
-    best = min(dense, key=lambda t: sum(dense[t].values()))
+    with linalg_threads(best if dev.type == "cpu" else None):
+        dense[best] = dense_svd_merge(loras, dense_names, dev)
     dense_total = sum(dense[best].values()) if args.full_dense else extrapolate(dense[best])
+    stacked = RANK * len(loras)
+
+    def flop_bound(m: int, n: int) -> float:
+        """Upper bound on the speed-up by flop count (see the module docstring)."""
+        big, small = max(m, n), min(m, n)
+        return (6 * big * small ** 2 + 20 * small ** 3) / (2 * (m + n) * stacked ** 2 - 4 / 3 * stacked ** 3)
 
     # ours, per module on the sample (one merge call per module, for the per-shape table)
     per = {"svd": {}, "karcher": {}}
     iters = {}
     for n in sample:
         for method in per:
-            t, res = our_merge(loras, [n], method, dev, max_iter=args.max_iter)
+            t, res = our_merge(loras, [n], method, dev, max_iter=args.max_iter, threads=args.threads)
             per[method][n] = t
             if method == "karcher":
                 iters[n] = [s["iterations"] for s in res.report.modules[0].karcher.values()]
     print(f"\n{'shape':>12} {'count':>5} {'dense svd':>10} {'svd (ours)':>11} {'karcher':>9} "
-          f"{'dense/svd':>9} {'dense/karcher':>13} {'karcher iters U/V':>18}")
+          f"{'dense/svd':>9} {'flop bound':>10} {'dense/karcher':>13} {'karcher iters U/V':>18}")
     for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
         take = group[:args.per_shape]
         d = sum(dense[best][n] for n in take) / len(take)
@@ -146,22 +162,22 @@ def main() -> None:
         k = sum(per["karcher"][n] for n in take) / len(take)
         its = " ".join(f"{u}/{v}" for u, v in (iters[n] for n in take))
         print(f"{shape[0]:>5}×{shape[1]:<6} {len(group):>5} {d:>9.3f}s {s:>10.3f}s {k:>8.3f}s "
-              f"{d / s:>8.0f}× {d / k:>12.1f}× {its:>18}")
+              f"{d / s:>8.1f}× {flop_bound(*shape):>9.0f}× {d / k:>12.1f}× {its:>18}")
 
     dense_label = "measured" if args.full_dense else f"EXTRAPOLATED from {len(sample)} modules × count"
-    threads_label = f"{best} thread(s), the faster of 1 and 2" if dev.type == "cpu" else str(dev)
+    threads_label = f"{best} thread(s), as ours" if dev.type == "cpu" else str(dev)
     print(f"\ndense-SVD svd merge, whole LoRA: {dense_total:8.1f} s ({dense_label}; float32, {threads_label})")
     totals = {}
     for method in ("svd", "karcher"):
         if args.full:
-            t, res = our_merge(loras, names, method, dev, max_iter=args.max_iter)
+            t, res = our_merge(loras, names, method, dev, max_iter=args.max_iter, threads=args.threads)
             totals[method] = (t, "measured, one merge call")
             if method == "karcher":
                 full_iters = iteration_stats(res)
         else:
             totals[method] = (extrapolate(per[method]), f"EXTRAPOLATED from {len(sample)} modules × count")
         print(f"{method + ' (ours)':>14}, whole LoRA: {totals[method][0]:8.1f} s ({totals[method][1]}; "
-              f"float64, with fidelity report)")
+              f"float64, with fidelity report, {args.threads} thread(s))")
     for method, (t, _) in totals.items():
         print(f"ratio dense / {method}: {dense_total / t:.1f}×")
     if args.full:
