@@ -31,6 +31,7 @@ import torch
 from .device import linalg_threads
 from .errors import LoraError
 from .factored import FactoredSVD, factor_qr, module_svd
+from .formats import require_same_family
 from .grassmann import principal_angles
 from .lora import LoraFile, module_part
 from .measures import DISTANCES, HALF_PI, chance_grid, chance_phi, cross_rank_geodesic, distances, \
@@ -49,22 +50,6 @@ WEIGHTS = {
     "geodesic_mean": "module count",
     "chance_mean": "module count",
 }
-
-
-def _require_same_family(loras: list[LoraFile]) -> str:
-    """Stand-in with core.formats' signature, used only if that package is absent."""
-    known = [f for f in loras if f.family != "unknown"]
-    for f in known[1:]:
-        if f.family != known[0].family:
-            raise LoraError(f"{known[0].name} is for {known[0].family_label} but {f.name} is for "
-                            f"{f.family_label}; LoRAs of different base models cannot be compared", f.path)
-    return known[0].family if known else "unknown"
-
-
-try:  # the file-format engineer owns the canonical check
-    from .formats import require_same_family
-except ImportError:  # pragma: no cover - depends on what is installed
-    require_same_family = _require_same_family
 
 
 _BLOCK = re.compile(r"(down_blocks|up_blocks|input_blocks|output_blocks|middle_block|mid_block|"
