@@ -102,17 +102,8 @@ class GrassmannTestWeightDigest:
         return {"ui": {"digest": [out]}, "result": (json.dumps(out),)}
 
 
-class GrassmannTestPatchCount:
+class GrassmannTestPatchCount(GrassmannTestWeightDigest):
     # how many weights ComfyUI's LoRA loading patched (cheap: nothing is loaded)
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}}
-
     def run(self, model, clip):
         out = {"model": len(model.patches), "clip": len(clip.patcher.patches)}
         return {"ui": {"patches": [out]}, "result": (json.dumps(out),)}
