@@ -4,4 +4,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_venv.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m core demo --out "${1:-demo_out}"
+# --overwrite: demo_out is the demo's own folder, so a second run replaces the first
+exec "$ROOT/.venv/bin/python" -m core demo --out "${1:-demo_out}" --overwrite
