@@ -46,7 +46,7 @@ from .device import default_device, linalg_threads
 from .errors import LoraError
 from .factored import modules_svd
 from .kernels import CPD, INDEFINITE, PD, Kernel, make_kernel
-from .formats import require_same_family
+from .formats import require_same_base
 from .lora import LoraFile
 from .save import atomic_write
 from .sdarch import TABLE_FAMILIES, arch_for
@@ -360,7 +360,7 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
         raise LoraError(f"side must be one of {', '.join(SIDES)}; got '{side}'")
     if top is not None and top < 1:
         raise LoraError(f"top must be at least 1; got {top}")
-    family = require_same_family(loras)
+    family = require_same_base(loras)
     regex = _compile_filter(module_filter)
     device = torch.device(device) if device is not None else default_device()
     names = [lora.name for lora in loras]
@@ -383,15 +383,6 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
     with linalg_threads(threads if device.type == "cpu" else None), torch.no_grad():
         for done, name in enumerate(modules, 1):
             holders = [i for i, lora in enumerate(loras) if name in lora.modules]
-            shapes = {}
-            for i in holders:
-                m = loras[i].modules[name]
-                shapes.setdefault((m.d_out, m.d_in), []).append(i)
-            if len(shapes) > 1:
-                listing = "; ".join(f"{d_out}×{d_in} in {loras[idx[0]].name}"
-                                    for (d_out, d_in), idx in shapes.items())
-                raise LoraError(f"module has different shapes across the LoRAs ({listing}): "
-                                "they were trained on different base models", key=name)
             svds = modules_svd([loras[i].modules[name] for i in holders], device=device)
             members = []
             for i, f in zip(holders, svds):

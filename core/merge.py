@@ -57,7 +57,7 @@ import torch
 from . import __version__
 from .device import default_device, linalg_threads
 from .errors import LoraError
-from .formats import require_same_family
+from .formats import require_same_base
 from .factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, modules_svd, svd_from_factors
 from .karcher import DETERMINISTIC_CHOICE, DISTANCES, KarcherResult, karcher_mean
 from .lora import LoraFile, LoraModule, module_part
@@ -295,23 +295,6 @@ def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
                                 "for negative weights; use the linear or svd merge to subtract a LoRA",
                                 lora.path)
     return w
-
-
-def _check_same_base(loras: list[LoraFile]) -> str:
-    """The common family; LoraError when families or shared module shapes differ."""
-    family = require_same_family(loras)
-    shapes: dict[str, tuple[LoraFile, LoraModule]] = {}
-    for lora in loras:
-        for name, m in lora.modules.items():
-            if name in shapes:
-                other, om = shapes[name]
-                if (om.d_out, om.d_in) != (m.d_out, m.d_in):
-                    raise LoraError(f"module shape {m.d_out}×{m.d_in} differs from {other.name}'s "
-                                    f"{om.d_out}×{om.d_in}: the LoRAs are for different base models",
-                                    lora.path, name)
-            else:
-                shapes[name] = (lora, m)
-    return family
 
 
 def _plan(loras: list[LoraFile], w: list[float], device: torch.device) -> tuple[list[_Job], list[str]]:
@@ -649,7 +632,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     if method == "dare" and not 0 <= dare_drop < 1:
         raise LoraError(f"dare drop probability must be in [0, 1), got {dare_drop}")
     w = _check_weights(loras, weights, method)
-    family = _check_same_base(loras)
+    family = require_same_base(loras)
     dev = torch.device(device) if device is not None else default_device()
     if batched is None:
         batched = dev.type == "cuda"

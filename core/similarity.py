@@ -31,7 +31,7 @@ import torch
 from .device import linalg_threads
 from .errors import LoraError
 from .factored import FactoredSVD, factor_qr, module_svd
-from .formats import require_same_family
+from .formats import require_same_base
 from .grassmann import principal_angles
 from .lora import LoraFile, module_part
 from .measures import DISTANCES, HALF_PI, chance_grid, chance_phi, cross_rank_geodesic, distances, \
@@ -429,7 +429,7 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
         raise LoraError(f"side must be 'out', 'in' or 'both', got {side!r}")
     if top is not None and top < 1:
         raise LoraError(f"--top must be at least 1, got {top}")
-    family = require_same_family([a, b])
+    family = require_same_base([a, b])
     wanted = set(modules) if modules is not None else None
     names_a = [n for n in a.modules if wanted is None or n in wanted]
     names_b = [n for n in b.modules if wanted is None or n in wanted]
@@ -438,11 +438,6 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     only_b = [n for n in names_b if n not in a.modules]
     depth = _depth_order(family, shared)
     shared.sort(key=depth.__getitem__)
-    for n in shared:
-        ma, mb = a.modules[n], b.modules[n]
-        if (ma.d_out, ma.d_in) != (mb.d_out, mb.d_in):
-            raise LoraError(f"module shapes differ: {ma.d_out}×{ma.d_in} in {a.name} but "
-                            f"{mb.d_out}×{mb.d_in} here", b.path, n)
     sides = SIDES if side == "both" else (side,)
     report = SimilarityReport(a, b, side, top, [], only_a, only_b)
     dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -353,3 +353,20 @@ def require_same_family(loras: list[LoraFile]) -> str:
                             f"{lora.family_label}; LoRAs of different base models cannot be combined",
                             lora.path)
     return first.family if first is not None else "unknown"
+
+
+def require_same_base(loras: list[LoraFile]) -> str:
+    """require_same_family, plus: every module two LoRAs share has one shape.
+    A shape difference gives different bases away even when the family is
+    unknown; the LoraError names the file and the module."""
+    family = require_same_family(loras)
+    seen: dict[str, LoraFile] = {}
+    for lora in loras:
+        for name, m in lora.modules.items():
+            first = seen.setdefault(name, lora)
+            om = first.modules[name]
+            if (om.d_out, om.d_in) != (m.d_out, m.d_in):
+                raise LoraError(f"module has different shapes across the LoRAs ({m.d_out}×{m.d_in} here, "
+                                f"{om.d_out}×{om.d_in} in {first.name}): they are for different base models",
+                                lora.path, name)
+    return family
