@@ -102,3 +102,55 @@ def dense_svd(module: LoraModule, dtype: torch.dtype = torch.float64) -> Factore
     u, s, vh = torch.linalg.svd(module.delta(dtype), full_matrices=False)
     k = min(module.factor_rank, s.numel())
     return FactoredSVD(u[:, :k], s[:k], vh[:k].T)
+
+
+# A Cholesky frame is used only when ‖R⁻¹‖²_F of the column-balanced Gram's
+# factor is at most this: then λ_min(Gram) ≥ 1e-8, and the basis x·R⁻¹ is
+# orthonormal to about u·√(d·n)/λ_min ≈ 1e-13·1e8 — at most ~1e-5 in its weakest
+# direction, whose share of x is ≤ √λ_min = 1e-4, so x's reconstruction and
+# every inner product taken through the frame keep ~1e-9 relative accuracy.
+FRAME_MAX_INV_GRAM = 1e8
+
+
+@dataclass
+class Frame:
+    """An orthonormal basis Q (d×n) of span(x) for x (d×R), kept implicit:
+    x = Q·coords (coords n×R), and lift(c) = Q·c.
+
+    Built from the R×R Gram xᵀx by Cholesky when it is well conditioned (one
+    d·R² product at BLAS-3 speed: Q = x·solve, never formed), by Householder QR
+    otherwise (exact for any x, rank-deficient included; Q stored). Inner
+    products of vectors given in coordinates equal those of their lifts, so
+    SVDs, principal angles and Karcher means can all run on n-vectors.
+    """
+
+    coords: torch.Tensor
+    solve: torch.Tensor | None = None   # R×n with Q = x·solve (Cholesky frame)
+    q: torch.Tensor | None = None       # d×n (Householder frame)
+
+    @property
+    def kind(self) -> str:
+        return "cholesky" if self.q is None else "householder"
+
+    def lift(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Q·c for coordinates c (n×k); x: the matrix the frame was built from."""
+        return self.q @ c if self.q is not None else x @ (self.solve @ c)
+
+
+def frame(x: torch.Tensor) -> Frame:
+    """Orthonormal frame of span(x), x (d×R) float64; see Frame."""
+    d, r = x.shape
+    if r < d:
+        gram = x.T @ x
+        norms = torch.diagonal(gram).sqrt()
+        if bool((norms > 0).all()):
+            balanced = gram / norms[:, None] / norms[None, :]
+            factor, info = torch.linalg.cholesky_ex(balanced, upper=True)
+            if int(info) == 0:
+                inv = torch.linalg.solve_triangular(factor, torch.eye(r, dtype=x.dtype, device=x.device),
+                                                    upper=True)
+                if float((inv * inv).sum()) <= FRAME_MAX_INV_GRAM:
+                    # x = (x·D⁻¹R⁻¹)·(R·D) with D = diag(column norms)
+                    return Frame(factor * norms[None, :], solve=inv / norms[:, None])
+    q, coords = torch.linalg.qr(x)
+    return Frame(coords, q=q)

@@ -58,7 +58,7 @@ from . import __version__
 from .device import default_device, linalg_threads
 from .errors import LoraError
 from .formats import require_same_base
-from .factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, modules_svd, svd_from_factors
+from .factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, Frame, frame, module_svd, modules_svd, svd_from_factors
 from .karcher import DETERMINISTIC_CHOICE, DISTANCES, KarcherResult, karcher_mean
 from .lora import LoraFile, LoraModule, module_part
 from .measures import phi
@@ -67,6 +67,7 @@ from .sdarch import TABLE_FAMILIES, arch_for
 
 METHODS = ("karcher", "linear", "concat", "svd", "ties", "dare")
 RANKED = ("karcher", "svd", "ties", "dare")   # methods with a merge rank p
+FRAMED = ("karcher", "svd")                   # results inside the stacked spans: computed in frames
 NAMINGS = ("first", "kohya")
 RECIPE_KEY = "grassmann_lora.merge"
 CHUNK_ELEMENTS = 1 << 16        # ties/dare dense rows processed at a time (512 KiB in float64: in cache)
@@ -246,7 +247,8 @@ class _Source:
     index: int
     weight: float
     module: LoraModule
-    svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device
+    svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device;
+                              # in the job's frame coordinates when the job has frames
 
     @property
     def rank(self) -> int:
@@ -255,19 +257,46 @@ class _Source:
 
 @dataclass
 class _Job:
+    """One module to merge. With frames (karcher, svd: several sources), every
+    source SVD, the target and the merge live in coordinates of orthonormal
+    frames of span[up_1 … up_K] and span[down_1ᵀ … down_Kᵀ] (n ≤ Σr each), so all
+    work after the two Grams is on n×n matrices whatever d; lift() maps the
+    merged factors back."""
+
     name: str
     shape: tuple[int, ...]
     sources: list[_Source]     # live sources with nonzero weight
     rank: int = 0
     capped: bool = False
+    frames: tuple[Frame, Frame] | None = None
+    members: list[LoraModule] = field(default_factory=list)   # the modules the frames were built from
     _target: FactoredSVD | None = None
 
     @property
     def target(self) -> FactoredSVD:
-        """Exact thin SVD of Σ w_k ΔW_k (one QR pair of the stacked factors)."""
+        """Exact thin SVD of Σ w_k ΔW_k: of the n×n core in frame coordinates,
+        else from one QR pair of the stacked factors."""
         if self._target is None:
-            self._target = svd_from_factors(*_target(self))
+            if self.frames is None:
+                self._target = svd_from_factors(*_target(self))
+            else:
+                u, s, vh = torch.linalg.svd(self.target_core, full_matrices=False)
+                self._target = FactoredSVD(u, s, vh.transpose(-1, -2))
         return self._target
+
+    @property
+    def target_core(self) -> torch.Tensor:
+        """Σ w_k ΔW_k in frame coordinates (n_out×n_in)."""
+        up, down = _target(self)
+        return up @ down
+
+    def lift(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged factors from frame coordinates to the module's space."""
+        if self.frames is None:
+            return up, down
+        out, inn = self.frames
+        xs = _stacked(self.members, up.device)
+        return out.lift(up, xs[0]), inn.lift(down.transpose(-1, -2), xs[1]).transpose(-1, -2)
 
     @property
     def d_out(self) -> int:
@@ -276,6 +305,13 @@ class _Job:
     @property
     def d_in(self) -> int:
         return self.sources[0].module.d_in
+
+
+def _stacked(modules: list[LoraModule], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[up_1 … up_K] (d_out×Σr) and [down_1ᵀ … down_Kᵀ] (d_in×Σr), float64, unscaled."""
+    # one conversion per stack; the row side is stacked along rows and transposed as a view
+    return (torch.cat([m.up.to(dev) for m in modules], 1).to(torch.float64),
+            torch.cat([m.down.to(dev) for m in modules], 0).to(torch.float64).T)
 
 
 def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
@@ -297,25 +333,51 @@ def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
     return w
 
 
-def _plan(loras: list[LoraFile], w: list[float], device: torch.device) -> tuple[list[_Job], list[str]]:
+def _framed_svds(modules: list[LoraModule], dev: torch.device
+                 ) -> tuple[tuple[Frame, Frame], list[FactoredSVD]]:
+    """Frames of the stacked factors and each module's exact SVD in their coordinates."""
+    xs = _stacked(modules, dev)
+    frames = (frame(xs[0]), frame(xs[1]))
+    svds, start = [], 0
+    for m in modules:
+        cols = slice(start, start + m.factor_rank)
+        svds.append(svd_from_factors(frames[0].coords[:, cols], frames[1].coords[:, cols].T, m.scale))
+        start = cols.stop
+    return frames, svds
+
+
+def _plan(loras: list[LoraFile], w: list[float], device: torch.device, method: str
+          ) -> tuple[list[_Job], list[str]]:
     """Jobs for every module with a live, weighted source, and the dead ones."""
     names: dict[str, None] = {}
     for lora in loras:
         names.update(dict.fromkeys(lora.modules))
-    entries = [(name, k) for name in names for k, lora in enumerate(loras)
-               if name in lora.modules and w[k] != 0]
-    svds = modules_svd([loras[k].modules[name] for name, k in entries], device=device)
-    live: dict[str, list[_Source]] = {}
-    for (name, k), res in zip(entries, svds):
-        if not res.dead:
-            live.setdefault(name, []).append(_Source(k, w[k], loras[k].modules[name],
-                                                     res.top(res.effective_rank)))
+    weighted = {name: [k for k, lora in enumerate(loras) if name in lora.modules and w[k] != 0]
+                for name in names}
+    # Frames pay off for methods that never leave the stacked spans (and need several sources).
+    framed = {name for name, ks in weighted.items() if method in FRAMED and len(ks) > 1}
+    plain = [(name, k) for name, ks in weighted.items() if name not in framed for k in ks]
+    svds = dict(zip(plain, modules_svd([loras[k].modules[name] for name, k in plain], device=device)))
     jobs, dead = [], []
-    for name in names:
-        if name not in live:
-            dead.append(name)
-            continue
-        jobs.append(_Job(name, live[name][0].module.weight_shape, live[name]))
+    with linalg_threads(1 if device.type == "cpu" else None):
+        for name, ks in weighted.items():
+            modules = [loras[k].modules[name] for k in ks]
+            frames = None
+            if name in framed:
+                frames, found = _framed_svds(modules, device)
+            else:
+                found = [svds[(name, k)] for k in ks]
+            live = [_Source(k, w[k], m, res.top(res.effective_rank))
+                    for k, m, res in zip(ks, modules, found) if not res.dead]
+            if not live:
+                dead.append(name)
+                continue
+            if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
+                only = live[0]
+                res = module_svd(only.module, device=device)
+                live, frames = [_Source(only.index, only.weight, only.module, res.top(res.effective_rank))], None
+            jobs.append(_Job(name, live[0].module.weight_shape, live, frames=frames,
+                             members=modules if frames is not None else []))
     return jobs, dead
 
 
@@ -402,7 +464,10 @@ def _karcher(group: list[_Job], distance: str, tol: float | None, max_iter: int)
         core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
         pp, ss, qh = torch.linalg.svd(core)
         known = FactoredSVD(u @ pp, ss, v @ qh.T)
-        out.append((*_split(known.U, known.S, known.V), {"U": _side(ku, b), "V": _side(kv, b)}, known))
+        # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation)
+        error = (float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
+                 if job.frames is not None else None)
+        out.append((*_split(known.U, known.S, known.V), {"U": _side(ku, b), "V": _side(kv, b)}, known, error))
     return out
 
 
@@ -577,7 +642,8 @@ def _fidelity(job: _Job, up: torch.Tensor, down: torch.Tensor, scale: float, gro
               error: float | None = None) -> ModuleReport | None:
     """known: the merge's SVD when the method built it (no second factorisation);
     error: ‖ΔW_merge − target‖_F when the method knows it exactly."""
-    target = job.target.frobenius()
+    target = (job.target.frobenius() if job.frames is None or job._target is not None
+              else float(torch.linalg.matrix_norm(job.target_core)))
     if error is None:
         error = _error_norm(job.target, scale * up, down)
     merged = known if known is not None else svd_from_factors(up, down, scale)
@@ -637,7 +703,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     if batched is None:
         batched = dev.type == "cuda"
     with linalg_threads(threads if dev.type == "cpu" else None):
-        jobs, dead = _plan(loras, w, dev)
+        jobs, dead = _plan(loras, w, dev, method)
         if not jobs:
             raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
         _assign_ranks(jobs, method, rank)
@@ -652,7 +718,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
             mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats,
                             known, error)
             done[job.name] = None if mod is None else (
-                mod, _merged(up, down, job, dtype, scale, job.sources[0].module.rank if status == "copied" else None))
+                mod, _merged(*job.lift(up, down), job, dtype, scale,
+                             job.sources[0].module.rank if status == "copied" else None))
             if progress is not None:
                 progress(len(done), len(jobs))
         out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
@@ -678,7 +745,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
 
 def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev):
     """Yields (job, (up, down, scale, karcher stats, the result's SVD if known, its
-    error if known)) on the compute device, float64,
+    error if known)) on the compute device, float64 (in frame coordinates for jobs with frames),
     as each module is done (Karcher batches: when the batch is)."""
     karcher_jobs = []
     for job in jobs:
@@ -698,11 +765,12 @@ def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed,
             karcher_jobs.append(job)
     batches: dict[tuple, list[_Job]] = {}
     for i, job in enumerate(karcher_jobs):
-        key = (job.d_out, job.d_in, job.rank, len(job.sources)) if batched else (i,)
+        key = ((*job.sources[0].svd.U.shape[:1], *job.sources[0].svd.V.shape[:1], job.rank, len(job.sources))
+               if batched else (i,))
         batches.setdefault(key, []).append(job)
     for group in batches.values():
-        for job, (up, down, stats, known) in zip(group, _karcher(group, distance, tol, max_iter)):
-            yield job, (up, down, 1.0, stats, known, None)
+        for job, (up, down, stats, known, error) in zip(group, _karcher(group, distance, tol, max_iter)):
+            yield job, (up, down, 1.0, stats, known, error)
 
 
 def _warn(report: MergeReport) -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.factored import dense_svd, module_svd, modules_svd, svd_from_factors
+from core.factored import FRAME_MAX_INV_GRAM, dense_svd, frame, module_svd, modules_svd, svd_from_factors
 from core.lora import LoraModule
 from core.synthetic import random_lora
 
@@ -47,3 +47,46 @@ def test_batched_equals_loop():
     batched = svd_from_factors(ups, downs)
     for j in range(4):
         assert torch.allclose(batched.S[j], loop[j].S)
+
+
+def _check_frame(x: torch.Tensor, fr, tol: float) -> None:
+    q = fr.lift(torch.eye(fr.coords.shape[0], dtype=x.dtype), x)
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=x.dtype), atol=tol)
+    assert torch.allclose(q @ fr.coords, x, atol=tol * float(x.abs().max()))
+    # its span is x's: projecting x onto it leaves nothing
+    assert float((x - q @ (q.T @ x)).norm() / x.norm()) < tol
+
+
+def test_frame_cholesky_when_well_conditioned():
+    g = torch.Generator().manual_seed(1)
+    # columns of very different lengths (balancing makes them equal for the Gram)
+    x = torch.randn(1280, 96, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 96, dtype=torch.float64)
+    fr = frame(x)
+    assert fr.kind == "cholesky" and fr.coords.shape == (96, 96)
+    _check_frame(x, fr, 1e-11)
+
+
+@pytest.mark.parametrize("case", ["duplicate", "nearly dependent", "zero column", "wide"])
+def test_frame_householder_otherwise(case):
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(640, 32, generator=g, dtype=torch.float64)
+    x = {"duplicate": torch.cat([b, b], 1),
+         "nearly dependent": torch.cat([b, b + 1e-7 * torch.randn(640, 32, generator=g, dtype=torch.float64)], 1),
+         "zero column": torch.cat([b, torch.zeros(640, 1, dtype=torch.float64)], 1),
+         "wide": torch.randn(20, 32, generator=g, dtype=torch.float64)}[case]
+    fr = frame(x)
+    assert fr.kind == "householder"
+    q = fr.q
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=x.dtype), atol=1e-12)
+    assert torch.allclose(q @ fr.coords, x, atol=1e-12)
+
+
+def test_frame_threshold_is_the_documented_bound():
+    """Just inside the bound: Cholesky, and still accurate; the bound is on ‖R⁻¹‖²_F."""
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(2048, 8, generator=g, dtype=torch.float64)
+    for eps, kind in ((1e-2, "cholesky"), (1e-5, "householder")):
+        x = torch.cat([b, b + eps * torch.randn(2048, 8, generator=g, dtype=torch.float64)], 1)
+        fr = frame(x)
+        assert fr.kind == kind, (eps, fr.kind, FRAME_MAX_INV_GRAM)
+        _check_frame(x, fr, 1e-9)
