@@ -71,6 +71,9 @@ FRAMED = ("karcher", "svd")                   # results inside the stacked spans
 NAMINGS = ("first", "kohya")
 RECIPE_KEY = "grassmann_lora.merge"
 CHUNK_ELEMENTS = 1 << 16        # ties/dare dense rows processed at a time (512 KiB in float64: in cache)
+# ties/dare rank-p step: residuals ‖D v − σ u‖ ≤ rtol·σ_1, a few units of the dense dtype's rounding
+# (a float32 product over n ≤ 10240 terms carries ~√n·6e-8 ≈ 6e-6 of σ_1).
+DENSE_RTOL = {torch.float64: 1e-10, torch.float32: 3e-5}
 SUBSPACE_OVERSAMPLING = 4       # extra block columns in top_singular
 THRESHOLD_SAMPLE = 1 << 14      # entries sampled to bracket the TIES threshold
 KOHYA_LIKE = ("kohya", "lycoris", "lycoris-loha", "lycoris-lokr")  # key stems are module names
@@ -544,14 +547,16 @@ def dare_combine(taus: list[torch.Tensor], drop: float, generators: list[torch.G
     return out / (1.0 - drop)
 
 
-def _dense(job: _Job, method: str, density: float, drop: float, seed: int):
+def _dense(job: _Job, method: str, density: float, drop: float, seed: int, work: torch.dtype):
     """ties/dare on ΔW, then its best rank-p approximation. The sources' task
     vectors are formed CHUNK_ELEMENTS at a time (rows: small chunks stay in
     cache, several times faster than whole-matrix elementwise passes), so memory
     holds the one dense result, never K dense copies. DARE draws each source's
     mask from its own generator chunk after chunk: the same masks whatever the
-    chunk size."""
-    factors = [(s.weight * s.svd.U * s.svd.S, s.svd.V.T) for s in job.sources]
+    chunk size. work: the dense dtype — float64 for a float64 result, else
+    float32 (the result's own precision; half the memory traffic), with the
+    rank-p step converged to that precision (DENSE_RTOL)."""
+    factors = [((s.weight * s.svd.U * s.svd.S).to(work), s.svd.V.T.to(work)) for s in job.sources]
     if method == "ties":
         thresholds = [_kth_largest_abs(lambda rows, a=a, b=b: a[rows] @ b,
                                        lambda idx, a=a, b=b: (a[idx // job.d_in] * b[:, idx % job.d_in].T).sum(1),
@@ -562,12 +567,13 @@ def _dense(job: _Job, method: str, density: float, drop: float, seed: int):
     gens = [torch.Generator(device=dev).manual_seed((seed * 1_000_003 + name_hash * 7919 + k * 104_729) % (2 ** 63))
             for k in range(len(factors))]
     step = max(1, CHUNK_ELEMENTS // job.d_in)
-    dense = torch.empty(job.d_out, job.d_in, dtype=torch.float64, device=dev)
+    dense = torch.empty(job.d_out, job.d_in, dtype=work, device=dev)
     for i in range(0, job.d_out, step):
         rows = slice(i, i + step)
         taus = [a[rows] @ b for a, b in factors]
         dense[rows] = ties_combine(taus, thresholds) if method == "ties" else dare_combine(taus, drop, gens)
-    u, s, v = top_singular(dense, job.rank, seed, start=job.target.V)
+    u, s, v = (x.to(torch.float64) for x in
+               top_singular(dense, job.rank, seed, rtol=DENSE_RTOL[work], start=job.target.V.to(work)))
     return (*_split(u, s, v), FactoredSVD(u, s, v))
 
 
@@ -671,7 +677,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           progress: Callable[[int, int], None] | None = None) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA; see the module docstring.
 
-    dtype: factor dtype of the result (computation is float64). ties_density:
+    dtype: factor dtype of the result (computation is float64, except the dense
+    ties/dare step, float32 unless dtype is float64). ties_density:
     fraction of each task vector TIES keeps (paper default 0.2). dare_drop: DARE
     drop probability q (0.5: the papers' 0.9 was for full fine-tune deltas).
     naming: "first" writes keys spelled as in the first source when it is a
@@ -711,8 +718,10 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
                              distance if method == "karcher" else None, skipped={"dead": dead} if dead else {})
         groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
         done: dict[str, tuple[ModuleReport, LoraModule] | None] = {}
+        work = torch.float64 if dtype == torch.float64 else torch.float32   # ties/dare dense precision
         for job, (up, down, scale, kstats, known, error) in _run(jobs, method, w, distance, tol, max_iter,
-                                                                batched, ties_density, dare_drop, seed, dev):
+                                                                batched, ties_density, dare_drop, seed, dev,
+                                                                work):
             status = ("copied" if len(job.sources) == 1 else
                       "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
             mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats,
@@ -743,7 +752,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     return MergeResult(out, report, key_names)
 
 
-def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev):
+def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev, work):
     """Yields (job, (up, down, scale, karcher stats, the result's SVD if known, its
     error if known)) on the compute device, float64 (in frame coordinates for jobs with frames),
     as each module is done (Karcher batches: when the batch is)."""
@@ -759,7 +768,7 @@ def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed,
             up, down, known, error = _svd(job)
             yield job, (up, down, 1.0, None, known, error)
         elif method in ("ties", "dare"):
-            up, down, known = _dense(job, method, density, drop, seed)
+            up, down, known = _dense(job, method, density, drop, seed, work)
             yield job, (up, down, 1.0, None, known, None)
         else:
             karcher_jobs.append(job)

@@ -218,6 +218,19 @@ def test_ties_and_dare_rank_p_equals_dense_svd_truncation():
             assert rel(res.lora.modules[name].delta(), (u[:, :6] * s[:6]) @ vh[:6]) < 1e-8
 
 
+def test_ties_and_dare_in_float32_agree_with_float64():
+    """A float32 result computes the dense step in float32: same masks, same
+    trimming, rank-p triplets to float32 accuracy."""
+    srcs = [lora(1, rank=4, names=[NAMES[0], NAMES[4]]), lora(2, rank=4, names=[NAMES[0], NAMES[4]])]
+    for method in ("ties", "dare"):
+        lo = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, dtype=torch.float32)
+        hi = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, dtype=F64)
+        for name in (NAMES[0], NAMES[4]):
+            assert lo.lora.modules[name].up.dtype == torch.float32
+            assert rel(lo.lora.modules[name].delta(), hi.lora.modules[name].delta()) < 1e-4
+        assert abs(lo.report.summary()["rel_error"] - hi.report.summary()["rel_error"]) < 1e-5
+
+
 def test_ties_merge_at_full_rank_equals_dense_ties():
     srcs = [lora(1, rank=3, names=NAMES[2:4]), lora(2, rank=3, names=NAMES[2:4])]
     w = [1.0, 0.7]
