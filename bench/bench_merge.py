@@ -1,28 +1,28 @@
-"""Karcher and svd merges (ours, from factors) against a dense-SVD svd merge.
+"""Karcher and svd merges (ours, from factors) against dense-SVD svd merges.
 
 Four synthetic SDXL rank-64 LoRAs (real module names and shapes: UNet
-attention + both text encoders, 986 modules), merged at rank 64. The dense
-baseline is what kohya's svd_merge_lora does: form Σ w_k ΔW_k in float32,
-full SVD, keep the top 64. Ours work in float64 from the factors and include
-the fidelity report.
+attention + both text encoders, 986 modules), merged at rank 64. Two dense
+baselines, both float32 like kohya's svd_merge_lora: form Σ w_k ΔW_k, then
+  - kohya: torch.linalg.svd(mat) exactly as svd_merge_lora calls it (default
+    full_matrices=True: square U or V of the long side), keep the top 64;
+  - thin:  torch.linalg.svd(mat, full_matrices=False), the strongest dense
+    baseline (same result, no square factor).
+Ours work in float64 from the factors and include the fidelity report.
 
 By default every method runs on a sample of --per-shape modules of each
 distinct shape and the whole-LoRA time is EXTRAPOLATED by module count (printed
-as such); --full runs our merges on every module (the dense baseline stays
-sampled unless --full-dense). The dense baseline runs with the same torch
-thread count as ours (1 by default, --threads N for both), printed. Also
-measured on a sample: 1 vs 2 torch threads, and the Karcher means looped vs
-batched by shape.
+as such); --full runs our merges on every module (the dense baselines stay
+sampled unless --full-dense, thin only). Everything runs with the same torch
+thread count (1 by default, --threads N), printed.
 
-Flop bound per shape (printed): a dense thin SVD of an m×n ΔW (m ≥ n) costs at
-most ≈ 6mn² + 20n³ (Golub & Van Loan, R-SVD with U and V); ours must at least
-triangularise the stacked factors, Householder QR of an m×R and an n×R matrix
-(R = Σ r_k = 256 here): ≥ 2(m+n)R² − (4/3)R³. Their quotient bounds the speed-up
-any factored svd merge can reach on that shape; where it is below 50×, 50× is
-impossible there by flop count alone.
+Floor per shape (measured, printed): an exact factored svd merge must at least
+read the stacked factors into two Σr×Σr Grams (d_out·Σr² and d_in·Σr²
+products, Σr = 256 here) and decompose the Σr×Σr core (one eigh); the column
+"floor" times just those three operations, and dense/floor bounds the speed-up
+any method of this kind can reach on that shape on this machine.
 
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full] [--full-dense]
-                                [--device cuda] [--max-iter 50]
+                                [--device cuda] [--max-iter 50] [--skip-kohya]
 """
 from __future__ import annotations
 
@@ -60,14 +60,17 @@ def subset(loras: list[LoraFile], names: list[str]) -> list[LoraFile]:
     return [LoraFile(l.path, l.format, l.family, {n: l.modules[n] for n in names}) for l in loras]
 
 
-def dense_svd_merge(loras: list[LoraFile], names: list[str], device) -> dict[str, float]:
-    """Per-module seconds of the dense baseline (float32, like svd_merge_lora)."""
+def dense_svd_merge(loras: list[LoraFile], names: list[str], device, full_matrices: bool = False
+                    ) -> dict[str, float]:
+    """Per-module seconds of the dense baseline (float32). full_matrices=True is
+    kohya's svd_merge_lora call, torch.linalg.svd(mat) with its default; False
+    (thin U, V) is the strongest dense baseline."""
     times = {}
     for name in names:
         def one():
             total = sum(w * l.modules[name].scale * (l.modules[name].up.to(device) @ l.modules[name].down.to(device))
                         for l, w in zip(loras, WEIGHTS))
-            u, s, vh = torch.linalg.svd(total, full_matrices=False)
+            u, s, vh = torch.linalg.svd(total, full_matrices=full_matrices)
             out = (u[:, :RANK] * s[:RANK], vh[:RANK])
             sync(device)
             return out
@@ -80,6 +83,22 @@ def our_merge(loras, names, method, device, **kw):
     t, res = timed(lambda: (merge(subset(loras, names), WEIGHTS, method=method, rank=RANK,
                                   device=device, **kw), sync(device))[0])
     return t, res
+
+
+def floor_time(loras: list[LoraFile], name: str, device) -> float:
+    """Seconds for the unavoidable part of an exact factored svd merge of one
+    module: the Grams of the stacked up and down factors (float64) and one eigh
+    of the Σr×Σr core."""
+    ups = torch.cat([l.modules[name].up for l in loras], 1).to(device, torch.float64)
+    downs = torch.cat([l.modules[name].down for l in loras], 0).to(device, torch.float64)
+
+    def run():
+        g_up, g_down = ups.T @ ups, downs @ downs.T
+        out = g_down, torch.linalg.eigh(g_up)     # a symmetric Σr×Σr stand-in for the core: same cost
+        sync(device)
+        return out
+    run()
+    return timed(run)[0]
 
 
 def iteration_stats(res) -> str:
@@ -100,6 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--skip-threads", action="store_true", help="skip the 1 vs 2 threads comparison")
+    parser.add_argument("--skip-kohya", action="store_true", help="skip the full_matrices=True baseline (slow)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dense baseline "
                         "and for our merges alike (default 1)")
     args = parser.parse_args()
@@ -127,22 +147,18 @@ def main() -> None:
         return sum(len(group) * sum(per_module[n] for n in group[:args.per_shape]) /
                    len(group[:args.per_shape]) for group in by_shape.values())
 
-    # dense baseline with the same thread count as ours
+    # dense baselines with the same thread count as ours
     dense_names = names if args.full_dense else sample
     if dev.type == "cuda":      # warm-up: cuSOLVER/cuBLAS initialisation is not merge time
         dense_svd_merge(loras, sample[:1], dev)
         our_merge(loras, sample[:2], "karcher", dev, max_iter=2)
-    best = args.threads
-    dense = {}
-    with linalg_threads(best if dev.type == "cpu" else None):
-        dense[best] = dense_svd_merge(loras, dense_names, dev)
-    dense_total = sum(dense[best].values()) if args.full_dense else extrapolate(dense[best])
-    stacked = RANK * len(loras)
-
-    def flop_bound(m: int, n: int) -> float:
-        """Upper bound on the speed-up by flop count (see the module docstring)."""
-        big, small = max(m, n), min(m, n)
-        return (6 * big * small ** 2 + 20 * small ** 3) / (2 * (m + n) * stacked ** 2 - 4 / 3 * stacked ** 3)
+    with linalg_threads(args.threads if dev.type == "cpu" else None):
+        thin = dense_svd_merge(loras, dense_names, dev)
+        kohya = {} if args.skip_kohya else dense_svd_merge(loras, sample, dev, full_matrices=True)
+        floor = {n: floor_time(loras, n, dev) for n in sample}
+    thin_total = sum(thin.values()) if args.full_dense else extrapolate(thin)
+    kohya_total = extrapolate(kohya) if kohya else None
+    floor_total = extrapolate(floor)
 
     # ours, per module on the sample (one merge call per module, for the per-shape table)
     per = {"svd": {}, "karcher": {}}
@@ -153,20 +169,28 @@ def main() -> None:
             per[method][n] = t
             if method == "karcher":
                 iters[n] = [s["iterations"] for s in res.report.modules[0].karcher.values()]
-    print(f"\n{'shape':>12} {'count':>5} {'dense svd':>10} {'svd (ours)':>11} {'karcher':>9} "
-          f"{'dense/svd':>9} {'flop bound':>10} {'dense/karcher':>13} {'karcher iters U/V':>18}")
+    print(f"\nseconds per module (mean over the sample), ratios against the thin dense baseline")
+    print(f"{'shape':>12} {'count':>5} {'kohya':>7} {'thin':>7} {'svd':>7} {'karcher':>7} {'floor':>7} "
+          f"{'thin/svd':>8} {'thin/karcher':>12} {'thin/floor':>10} {'karcher iters U/V':>18}")
+
+    def mean(times: dict, take: list) -> float:
+        return sum(times[n] for n in take) / len(take) if times else float("nan")
+
     for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
         take = group[:args.per_shape]
-        d = sum(dense[best][n] for n in take) / len(take)
-        s = sum(per["svd"][n] for n in take) / len(take)
-        k = sum(per["karcher"][n] for n in take) / len(take)
+        d, s, k, f = mean(thin, take), mean(per["svd"], take), mean(per["karcher"], take), mean(floor, take)
         its = " ".join(f"{u}/{v}" for u, v in (iters[n] for n in take))
-        print(f"{shape[0]:>5}×{shape[1]:<6} {len(group):>5} {d:>9.3f}s {s:>10.3f}s {k:>8.3f}s "
-              f"{d / s:>8.1f}× {flop_bound(*shape):>9.0f}× {d / k:>12.1f}× {its:>18}")
+        print(f"{shape[0]:>5}×{shape[1]:<6} {len(group):>5} {mean(kohya, take):>7.3f} {d:>7.3f} {s:>7.3f} "
+              f"{k:>7.3f} {f:>7.3f} {d / s:>7.1f}× {d / k:>11.1f}× {d / f:>9.1f}× {its:>18}")
 
-    dense_label = "measured" if args.full_dense else f"EXTRAPOLATED from {len(sample)} modules × count"
-    threads_label = f"{best} thread(s), as ours" if dev.type == "cpu" else str(dev)
-    print(f"\ndense-SVD svd merge, whole LoRA: {dense_total:8.1f} s ({dense_label}; float32, {threads_label})")
+    sampled = f"EXTRAPOLATED from {len(sample)} modules × count"
+    threads_label = f"{args.threads} thread(s) for every method" if dev.type == "cpu" else str(dev)
+    print(f"\nwhole LoRA ({threads_label}):")
+    if kohya_total is not None:
+        print(f"  dense svd merge, kohya's call: {kohya_total:8.1f} s ({sampled}; float32, full_matrices=True)")
+    print(f"  dense svd merge, thin SVD:     {thin_total:8.1f} s "
+          f"({'measured' if args.full_dense else sampled}; float32)")
+    print(f"  floor (2 Grams + Σr eigh):     {floor_total:8.1f} s ({sampled})")
     totals = {}
     for method in ("svd", "karcher"):
         if args.full:
@@ -175,11 +199,15 @@ def main() -> None:
             if method == "karcher":
                 full_iters = iteration_stats(res)
         else:
-            totals[method] = (extrapolate(per[method]), f"EXTRAPOLATED from {len(sample)} modules × count")
-        print(f"{method + ' (ours)':>14}, whole LoRA: {totals[method][0]:8.1f} s ({totals[method][1]}; "
-              f"float64, with fidelity report, {args.threads} thread(s))")
+            totals[method] = (extrapolate(per[method]), sampled)
+        print(f"  {method + ' (ours)':<29} {totals[method][0]:8.1f} s ({totals[method][1]}; "
+              f"float64, with fidelity report)")
     for method, (t, _) in totals.items():
-        print(f"ratio dense / {method}: {dense_total / t:.1f}×")
+        against = f"kohya {kohya_total / t:.1f}×, " if kohya_total is not None else ""
+        print(f"ratio dense / {method}: {against}thin {thin_total / t:.1f}×")
+    against = f"kohya {kohya_total / floor_total:.1f}×, " if kohya_total is not None else ""
+    print(f"ratio dense / floor: {against}thin {thin_total / floor_total:.1f}× "
+          "(no exact factored svd merge can beat these on this machine)")
     if args.full:
         print(full_iters)
     else:

@@ -154,3 +154,24 @@ def frame(x: torch.Tensor) -> Frame:
                     return Frame(factor * norms[None, :], solve=inv / norms[:, None])
     q, coords = torch.linalg.qr(x)
     return Frame(coords, q=q)
+
+
+# leading_svd answers only when σ_p ≥ this·σ_1: the Gram's eigenvalues carry
+# absolute errors ~n·u·σ_1², so σ_p keeps ~1e-8 relative accuracy there and its
+# vectors lose at most σ_1/σ_p = 1e3 times the digits a direct SVD keeps.
+LEADING_SVD_MIN_RATIO = 1e-3
+
+
+def leading_svd(m: torch.Tensor, p: int) -> FactoredSVD | None:
+    """Top-p singular triplets of a small dense matrix from one eigh of its
+    smaller Gram (about half the time of a full SVD at n = 256), or None when
+    σ_p < LEADING_SVD_MIN_RATIO·σ_1 (take a full SVD then)."""
+    tall = m.shape[-2] >= m.shape[-1]
+    gram = m.transpose(-1, -2) @ m if tall else m @ m.transpose(-1, -2)
+    lam, vec = torch.linalg.eigh(gram)
+    lam, vec = lam.flip(-1)[:p], vec.flip(-1)[:, :p]
+    if lam.numel() < p or not float(lam[-1]) >= LEADING_SVD_MIN_RATIO ** 2 * float(lam[0]) > 0:
+        return None
+    s = lam.sqrt()
+    other = (m @ vec if tall else m.transpose(-1, -2) @ vec) / s
+    return FactoredSVD(other, s, vec) if tall else FactoredSVD(vec, s, other)

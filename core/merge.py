@@ -58,7 +58,8 @@ from . import __version__
 from .device import default_device, linalg_threads
 from .errors import LoraError
 from .formats import require_same_base
-from .factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, Frame, frame, module_svd, modules_svd, svd_from_factors
+from .factored import (DEAD_ATOL, RANK_RTOL, FactoredSVD, Frame, frame, leading_svd, module_svd, modules_svd,
+                       svd_from_factors)
 from .karcher import DETERMINISTIC_CHOICE, DISTANCES, KarcherResult, karcher_mean
 from .lora import LoraFile, LoraModule, module_part
 from .measures import phi
@@ -446,7 +447,16 @@ def _linear(job: _Job, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _svd(job: _Job):
-    """(up, down, the result's SVD, its error ‖S_T[p:]‖: exact, a sum of squares)."""
+    """(up, down, the result's SVD, its error). In frames the top-p triplets of
+    the small target core come from leading_svd when its spectrum allows, and
+    the error is the norm of the difference matrix (no cancellation); else from
+    the full SVD, error ‖S_T[p:]‖ (exact, a sum of squares)."""
+    if job.frames is not None:
+        core = job.target_core
+        res = leading_svd(core, job.rank)
+        if res is not None:
+            error = float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - core))
+            return (*_split(res.U, res.S, res.V), res, error)
     res = job.target
     p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
     return (*_split(res.U[:, :p], res.S[:p], res.V[:, :p]), res.top(p),
