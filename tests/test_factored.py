@@ -90,3 +90,22 @@ def test_frame_threshold_is_the_documented_bound():
         fr = frame(x)
         assert fr.kind == kind, (eps, fr.kind, FRAME_MAX_INV_GRAM)
         _check_frame(x, fr, 1e-9)
+
+
+def test_leading_svd_matches_full_svd_or_declines():
+    from core.factored import LEADING_SVD_MIN_RATIO, leading_svd
+    g = torch.Generator().manual_seed(4)
+    for shape in ((96, 64), (64, 96)):
+        m = torch.randn(*shape, generator=g, dtype=torch.float64)
+        res = leading_svd(m, 10)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        assert torch.allclose(res.S, s[:10], rtol=1e-12)
+        # the same rank-10 truncation (vectors up to sign), orthonormal factors
+        assert torch.allclose((res.U * res.S) @ res.V.T, (u[:, :10] * s[:10]) @ vh[:10], atol=1e-11)
+        assert torch.allclose(res.U.T @ res.U, torch.eye(10, dtype=torch.float64), atol=1e-12)
+    # σ_p below the ratio: declines rather than lose digits
+    q = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=torch.float64))[0]
+    s = torch.ones(50, dtype=torch.float64)
+    s[5:] = LEADING_SVD_MIN_RATIO / 10
+    m = (q * s) @ q.T
+    assert leading_svd(m, 5) is not None and leading_svd(m, 6) is None
