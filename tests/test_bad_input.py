@@ -157,3 +157,23 @@ def test_unsupported_adapter_beside_usable_modules_is_an_extra(tmp_path):
     assert len(lora.modules) == 14
     assert "OFT" in lora.extras["lora_unet_mid_block_attentions_0_proj_in.oft_blocks"]
     assert any("oft_blocks" in w for w in lora.warnings)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_finite_finds_every_kind_of_non_finite_value(bad, dtype):
+    from core.lora import check_finite
+    t = torch.randn(64, 8).to(dtype)
+    check_finite("f.safetensors", "k", t)            # finite: no error
+    t[17, 3] = bad
+    with pytest.raises(LoraError, match=r"1 non-finite value") as info:
+        check_finite("f.safetensors", "k", t)
+    assert "f.safetensors" in str(info.value) and "k" in str(info.value)
+
+
+def test_is_all_zero():
+    from core.lora import is_all_zero
+    z = torch.zeros(5, 3)
+    assert is_all_zero(z) and is_all_zero(torch.zeros(0, 3))
+    z[4, 2] = -1e-30
+    assert not is_all_zero(z)

@@ -19,7 +19,7 @@ import torch
 from ..device import linalg_threads
 from ..errors import LoraError
 from ..family import explain_family, family_from_metadata
-from ..lora import FAMILY_LABELS, LoraFile, LoraModule, scale_from_alpha
+from ..lora import FAMILY_LABELS, LoraFile, LoraModule, is_all_zero, scale_from_alpha
 from ..sdarch import TABLE_FAMILIES, arch_for
 from . import cloneofsimo
 from .adapters import ModulePlan, build_factors, plan_module
@@ -258,7 +258,7 @@ class LoraReader:
         with linalg_threads(1):
             for name in self._plans:
                 module = lora.modules[name] = self._read(name)
-                if not module.up.any() or not module.down.any():
+                if is_all_zero(module.up) or is_all_zero(module.down):
                     dead.append(name)
         if dead:
             lora.warnings.append(f"{len(dead)} module(s) have an all-zero factor (ΔW = 0): {_listing(dead)}")
