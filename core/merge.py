@@ -29,8 +29,13 @@ among the sources merged there (nominal rank, or the effective rank when
 that is smaller). Asking for more than min(d_out, d_in) of any merged module
 is an error. karcher needs p directions from every source: a module whose
 sources have fewer gets the largest rank they allow, and asking for more than
-any module allows is an error; svd is likewise capped by Σ effective ranks and
-ties/dare by min(d_out, d_in). Capped modules are counted in the report.
+any module's factors allow is an error (checked before any work, from factor
+ranks; a module whose sources span fewer directions than their factor rank is
+capped); svd is likewise capped by Σ effective ranks and ties/dare by
+min(d_out, d_in). Capped modules are counted in the report.
+
+Modules are prepared and merged one at a time (the sources' SVDs, frames,
+merge, report), so a whole-LoRA merge holds one module's working state.
 
 Weights: one per source, finite, not all zero; default 1/K each (the mean).
 Weight 0 leaves a source out. Negative weights are refused by karcher (a
@@ -274,6 +279,7 @@ class _Job:
     capped: bool = False
     frames: tuple[Frame, Frame] | None = None
     members: list[LoraModule] = field(default_factory=list)   # the modules the frames were built from
+    workspace: "_Workspace | None" = None
     _target: FactoredSVD | None = None
 
     @property
@@ -299,7 +305,7 @@ class _Job:
         if self.frames is None:
             return up, down
         out, inn = self.frames
-        xs = _stacked(self.members, up.device)
+        xs = _stacked(self.members, up.device, self.workspace)
         return out.lift(up, xs[0]), inn.lift(down.transpose(-1, -2), xs[1]).transpose(-1, -2)
 
     @property
@@ -311,11 +317,36 @@ class _Job:
         return self.sources[0].module.d_in
 
 
-def _stacked(modules: list[LoraModule], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[up_1 … up_K] (d_out×Σr) and [down_1ᵀ … down_Kᵀ] (d_in×Σr), float64, unscaled."""
-    # one conversion per stack; the row side is stacked along rows and transposed as a view
-    return (torch.cat([m.up.to(dev) for m in modules], 1).to(torch.float64),
-            torch.cat([m.down.to(dev) for m in modules], 0).to(torch.float64).T)
+class _Workspace:
+    """Reusable float64 buffers for the stacked factors, one per shape: the
+    d×Σr stacks are the largest temporaries of a merge, and fresh allocations of
+    them fault in new pages module after module (measured: the conversions took
+    ten times longer than the copies into a kept buffer once memory was
+    fragmented)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, int], dev: torch.device, slot: str) -> torch.Tensor:
+        key = (slot, shape, str(dev))
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=torch.float64, device=dev)
+        return self.buffers[key]
+
+
+def _stacked(modules: list[LoraModule], dev: torch.device, work: _Workspace
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[up_1 … up_K] (d_out×Σr) and [down_1ᵀ … down_Kᵀ] (d_in×Σr), float64, unscaled,
+    in the workspace's buffers (valid until the next call for the same shape)."""
+    total = sum(m.factor_rank for m in modules)
+    ups = work.get((modules[0].d_out, total), dev, "up")
+    downs = work.get((total, modules[0].d_in), dev, "down")   # stacked along rows, used transposed
+    start = 0
+    for m in modules:
+        ups[:, start:start + m.factor_rank].copy_(m.up)
+        downs[start:start + m.factor_rank].copy_(m.down)
+        start += m.factor_rank
+    return ups, downs.T
 
 
 def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
@@ -337,10 +368,10 @@ def _check_weights(loras: list[LoraFile], weights, method: str) -> list[float]:
     return w
 
 
-def _framed_svds(modules: list[LoraModule], dev: torch.device
+def _framed_svds(modules: list[LoraModule], dev: torch.device, work: _Workspace
                  ) -> tuple[tuple[Frame, Frame], list[FactoredSVD]]:
     """Frames of the stacked factors and each module's exact SVD in their coordinates."""
-    xs = _stacked(modules, dev)
+    xs = _stacked(modules, dev, work)
     frames = (frame(xs[0]), frame(xs[1]))
     svds, start = [], 0
     for m in modules:
@@ -350,74 +381,87 @@ def _framed_svds(modules: list[LoraModule], dev: torch.device
     return frames, svds
 
 
-def _plan(loras: list[LoraFile], w: list[float], device: torch.device, method: str
-          ) -> tuple[list[_Job], list[str]]:
-    """Jobs for every module with a live, weighted source, and the dead ones."""
+def _specs(loras: list[LoraFile], w: list[float]) -> dict[str, list[int]]:
+    """Every module name (in first-seen order) -> the sources with a nonzero weight that have it."""
     names: dict[str, None] = {}
     for lora in loras:
         names.update(dict.fromkeys(lora.modules))
-    weighted = {name: [k for k, lora in enumerate(loras) if name in lora.modules and w[k] != 0]
-                for name in names}
-    # Frames pay off for methods that never leave the stacked spans (and need several sources).
-    framed = {name for name, ks in weighted.items() if method in FRAMED and len(ks) > 1}
-    plain = [(name, k) for name, ks in weighted.items() if name not in framed for k in ks]
-    svds = dict(zip(plain, modules_svd([loras[k].modules[name] for name, k in plain], device=device)))
-    jobs, dead = [], []
-    with linalg_threads(1 if device.type == "cpu" else None):
-        for name, ks in weighted.items():
-            modules = [loras[k].modules[name] for k in ks]
-            frames = None
-            if name in framed:
-                frames, found = _framed_svds(modules, device)
-            else:
-                found = [svds[(name, k)] for k in ks]
-            live = [_Source(k, w[k], m, res.top(res.effective_rank))
-                    for k, m, res in zip(ks, modules, found) if not res.dead]
-            if not live:
-                dead.append(name)
-                continue
-            if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
-                only = live[0]
-                res = module_svd(only.module, device=device)
-                live, frames = [_Source(only.index, only.weight, only.module, res.top(res.effective_rank))], None
-            jobs.append(_Job(name, live[0].module.weight_shape, live, frames=frames,
-                             members=modules if frames is not None else []))
-    return jobs, dead
+    specs = {name: [k for k, lora in enumerate(loras) if name in lora.modules and w[k] != 0] for name in names}
+    return {name: ks for name, ks in specs.items() if ks}
 
 
-def _assign_ranks(jobs: list[_Job], method: str, rank: int | None) -> None:
+def _prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev: torch.device,
+             method: str, work: _Workspace) -> _Job | None:
+    """The job for one module: its live sources' SVDs (in frames for several sources of a
+    framed method), or None when every source is dead there. Built just before the
+    module is merged, so a whole-LoRA merge never holds more than one module's state."""
+    modules = [loras[k].modules[name] for k in ks]
+    frames = None
+    if method in FRAMED and len(ks) > 1:
+        frames, found = _framed_svds(modules, dev, work)
+    else:
+        found = modules_svd(modules, device=dev)
+    live = [_Source(k, w[k], m, res.top(res.effective_rank))
+            for k, m, res in zip(ks, modules, found) if not res.dead]
+    if not live:
+        return None
+    if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
+        only = live[0]
+        res = module_svd(only.module, device=dev)
+        live, frames = [_Source(only.index, only.weight, only.module, res.top(res.effective_rank))], None
+    return _Job(name, live[0].module.weight_shape, live, frames=frames,
+                members=modules if frames is not None else [], workspace=work if frames is not None else None)
+
+
+def _rank_limit(method: str, d_out: int, d_in: int, ranks: list[int]) -> int:
+    """The largest merge rank a module allows, given its sources' (effective or factor) ranks."""
+    if method == "karcher":
+        return min(ranks)
+    if method == "svd":
+        return min(sum(ranks), d_out, d_in)
+    return min(d_out, d_in)
+
+
+def _check_rank_request(specs: dict[str, list[int]], loras: list[LoraFile], method: str,
+                        rank: int | None) -> None:
+    """Refuse, before any work, a rank no module could take (from shapes and factor ranks;
+    a module whose sources turn out to span fewer directions is capped and reported)."""
     if method not in RANKED:
         if rank is not None:
             raise LoraError(f"the {method} merge is exact at rank Σ r_k; use svd (or karcher) for a "
                             f"rank-{rank} result")
-        for job in jobs:
-            job.rank = sum(s.module.factor_rank for s in job.sources)
         return
-    merged = [j for j in jobs if len(j.sources) > 1]
-    if rank is not None:
-        if rank < 1:
-            raise LoraError(f"merge rank must be at least 1, got {rank}")
-        for job in merged:
-            if rank > min(job.d_out, job.d_in):
-                raise LoraError(f"rank {rank} is more than any {job.d_out}×{job.d_in} layer can hold "
-                                f"(at most {min(job.d_out, job.d_in)})", key=job.name)
+    if rank is None:
+        return
+    if rank < 1:
+        raise LoraError(f"merge rank must be at least 1, got {rank}")
     allowed = []
-    for job in jobs:
-        if len(job.sources) == 1:               # copied with its own factors
-            job.rank = job.sources[0].module.factor_rank
+    for name, ks in specs.items():
+        if len(ks) < 2:
             continue
-        default = min(min(s.module.rank, s.rank) for s in job.sources)
-        limit = {"karcher": min(s.rank for s in job.sources),
-                 "svd": min(sum(s.rank for s in job.sources), job.d_out, job.d_in)
-                 }.get(method, min(job.d_out, job.d_in))
-        allowed.append(limit)
-        job.rank = default if rank is None else min(rank, limit)
-        job.capped = rank is not None and job.rank < rank
-    if rank is not None and merged and rank > max(allowed):
+        mods = [loras[k].modules[name] for k in ks]
+        d_out, d_in = mods[0].d_out, mods[0].d_in
+        if rank > min(d_out, d_in):
+            raise LoraError(f"rank {rank} is more than any {d_out}×{d_in} layer can hold "
+                            f"(at most {min(d_out, d_in)})", key=name)
+        allowed.append(_rank_limit(method, d_out, d_in, [m.factor_rank for m in mods]))
+    if allowed and rank > max(allowed):
         why = ("the Karcher mean compares p-dimensional subspaces and every source must span p "
                "directions" if method == "karcher" else "the weighted sum has no more directions")
         raise LoraError(f"rank {rank} is more than the sources allow for a {method} merge (at most "
                         f"{max(allowed)} in any module): {why}")
+
+
+def _set_rank(job: _Job, method: str, rank: int | None) -> None:
+    if method not in RANKED:
+        job.rank = sum(s.module.factor_rank for s in job.sources)
+    elif len(job.sources) == 1:                 # copied with its own factors
+        job.rank = job.sources[0].module.factor_rank
+    elif rank is None:                          # the smallest source rank (nominal, or effective if less)
+        job.rank = min(min(s.module.rank, s.rank) for s in job.sources)
+    else:
+        job.rank = min(rank, _rank_limit(method, job.d_out, job.d_in, [s.rank for s in job.sources]))
+        job.capped = job.rank < rank
 
 
 def _merged(up: torch.Tensor, down: torch.Tensor, job: _Job, dtype: torch.dtype, scale: float = 1.0,
@@ -719,38 +763,47 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     dev = torch.device(device) if device is not None else default_device()
     if batched is None:
         batched = dev.type == "cuda"
+    specs = _specs(loras, w)
+    _check_rank_request(specs, loras, method, rank)
     with linalg_threads(threads if dev.type == "cpu" else None):
-        jobs, dead = _plan(loras, w, dev, method)
-        if not jobs:
-            raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
-        _assign_ranks(jobs, method, rank)
         report = MergeReport(method, w, rank, family, [lora.name for lora in loras],
-                             distance if method == "karcher" else None, skipped={"dead": dead} if dead else {})
+                             distance if method == "karcher" else None)
         groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
-        done: dict[str, tuple[ModuleReport, LoraModule] | None] = {}
-        work = torch.float64 if dtype == torch.float64 else torch.float32   # ties/dare dense precision
-        for job, (up, down, scale, kstats, known, error) in _run(jobs, method, w, distance, tol, max_iter,
-                                                                batched, ties_density, dare_drop, seed, dev,
-                                                                work):
-            status = ("copied" if len(job.sources) == 1 else
-                      "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
-            mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status, kstats,
-                            known, error)
-            done[job.name] = None if mod is None else (
-                mod, _merged(*job.lift(up, down), job, dtype, scale,
-                             job.sources[0].module.rank if status == "copied" else None))
+        done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
+        dead: set[str] = set()
+        dense_dtype = torch.float64 if dtype == torch.float64 else torch.float32   # ties/dare
+        for job, result in _run(specs, loras, w, method, rank, dev, distance, tol, max_iter, batched,
+                                ties_density, dare_drop, seed, dense_dtype):
+            if result is None:
+                dead.add(job)
+            else:
+                up, down, scale, kstats, known, error = result
+                status = ("copied" if len(job.sources) == 1 else
+                          "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
+                mod = _fidelity(job, up, down, scale, groups.get(job.name, module_part(job.name)), status,
+                                kstats, known, error)
+                done[job.name] = None if mod is None else (
+                    mod, _merged(*job.lift(up, down), job, dtype, scale,
+                                 job.sources[0].module.rank if status == "copied" else None), job.capped)
             if progress is not None:
-                progress(len(done), len(jobs))
-        out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
-        cancelled = []
-        for job in jobs:                              # report and file in module order
-            if done[job.name] is None:
-                cancelled.append(job.name)
-                continue
-            report.modules.append(done[job.name][0])
-            out.modules[job.name] = done[job.name][1]
-            if job.capped:
-                report.capped.append(job.name)
+                progress(len(done) + len(dead), len(specs))
+    if not done:
+        raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
+    if dead:
+        report.skipped["dead"] = [name for name in specs if name in dead]
+    out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
+    cancelled = []
+    for name in specs:                                # report and file in module order
+        if name in dead:
+            continue
+        if done[name] is None:
+            cancelled.append(name)
+            continue
+        mod, module, capped = done[name]
+        report.modules.append(mod)
+        out.modules[name] = module
+        if capped:
+            report.capped.append(name)
     if cancelled:
         report.skipped["cancelled"] = cancelled
     _warn(report)
@@ -762,12 +815,28 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     return MergeResult(out, report, key_names)
 
 
-def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed, dev, work):
-    """Yields (job, (up, down, scale, karcher stats, the result's SVD if known, its
-    error if known)) on the compute device, float64 (in frame coordinates for jobs with frames),
-    as each module is done (Karcher batches: when the batch is)."""
-    karcher_jobs = []
-    for job in jobs:
+KARCHER_BATCH = 64      # modules of one coordinate shape stacked per batched Karcher call
+
+
+def _run(specs, loras, w, method, rank, dev, distance, tol, max_iter, batched, density, drop, seed, dense_dtype):
+    """Prepares and merges one module at a time. Yields (job, (up, down, scale,
+    karcher stats, the result's SVD if known, its error if known)) on the compute
+    device, float64 (in frame coordinates for jobs with frames), or (name, None)
+    for a module dead in every source. Batched Karcher jobs come when their batch
+    is done."""
+    work = _Workspace()
+    pending: dict[tuple, list[_Job]] = {}
+
+    def karcher(group: list[_Job]):
+        for job, (up, down, stats, known, error) in zip(group, _karcher(group, distance, tol, max_iter)):
+            yield job, (up, down, 1.0, stats, known, error)
+
+    for name, ks in specs.items():
+        job = _prepare(name, ks, loras, w, dev, method, work)
+        if job is None:
+            yield name, None
+            continue
+        _set_rank(job, method, rank)
         if len(job.sources) == 1:                      # only one source: its own factors, weighted
             s = job.sources[0]
             yield job, (s.module.up.to(dev, torch.float64), s.module.down.to(dev, torch.float64),
@@ -778,18 +847,17 @@ def _run(jobs, method, w, distance, tol, max_iter, batched, density, drop, seed,
             up, down, known, error = _svd(job)
             yield job, (up, down, 1.0, None, known, error)
         elif method in ("ties", "dare"):
-            up, down, known = _dense(job, method, density, drop, seed, work)
+            up, down, known = _dense(job, method, density, drop, seed, dense_dtype)
             yield job, (up, down, 1.0, None, known, None)
+        elif not batched:
+            yield from karcher([job])
         else:
-            karcher_jobs.append(job)
-    batches: dict[tuple, list[_Job]] = {}
-    for i, job in enumerate(karcher_jobs):
-        key = ((*job.sources[0].svd.U.shape[:1], *job.sources[0].svd.V.shape[:1], job.rank, len(job.sources))
-               if batched else (i,))
-        batches.setdefault(key, []).append(job)
-    for group in batches.values():
-        for job, (up, down, stats, known, error) in zip(group, _karcher(group, distance, tol, max_iter)):
-            yield job, (up, down, 1.0, stats, known, error)
+            key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
+            pending.setdefault(key, []).append(job)
+            if len(pending[key]) >= KARCHER_BATCH:
+                yield from karcher(pending.pop(key))
+    for group in pending.values():
+        yield from karcher(group)
 
 
 def _warn(report: MergeReport) -> None:
