@@ -11,8 +11,8 @@ Ours work in float64 from the factors and include the fidelity report.
 
 By default every method runs on a sample of --per-shape modules of each
 distinct shape and the whole-LoRA time is EXTRAPOLATED by module count (printed
-as such); --full runs our merges on every module (the dense baselines stay
-sampled unless --full-dense, thin only). Everything runs with the same torch
+as such); --full [svd] [karcher] runs our merges on every module in one call each
+(the dense baselines stay sampled unless --full-dense, thin only). Everything runs with the same torch
 thread count (1 by default, --threads N), printed.
 
 Floor per shape (measured, printed): an exact factored svd merge must at least
@@ -21,7 +21,7 @@ products, Σr = 256 here) and decompose the Σr×Σr core (one eigh); the column
 "floor" times just those three operations, and dense/floor bounds the speed-up
 any method of this kind can reach on that shape on this machine.
 
-    python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full] [--full-dense]
+    python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full [svd] [karcher]] [--full-dense]
                                 [--device cuda] [--max-iter 50] [--skip-kohya]
 """
 from __future__ import annotations
@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--per-shape", type=int, default=2, help="sampled modules per distinct shape")
     parser.add_argument("--related", type=float, default=None, metavar="EPS",
                         help="sources = one LoRA plus relative noise EPS (default: 4 independent LoRAs)")
-    parser.add_argument("--full", action="store_true", help="our merges on every module")
+    parser.add_argument("--full", nargs="*", choices=("svd", "karcher"), default=None,
+                        help="run these of our merges on every module, one call each (no names: both)")
     parser.add_argument("--full-dense", action="store_true", help="dense baseline on every module (slow)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-iter", type=int, default=50)
@@ -191,9 +192,9 @@ def main() -> None:
     print(f"  dense svd merge, thin SVD:     {thin_total:8.1f} s "
           f"({'measured' if args.full_dense else sampled}; float32)")
     print(f"  floor (2 Grams + Σr eigh):     {floor_total:8.1f} s ({sampled})")
-    totals = {}
+    totals, full_iters = {}, None
     for method in ("svd", "karcher"):
-        if args.full:
+        if args.full is not None and (not args.full or method in args.full):
             t, res = our_merge(loras, names, method, dev, max_iter=args.max_iter, threads=args.threads)
             totals[method] = (t, "measured, one merge call")
             if method == "karcher":
@@ -208,7 +209,7 @@ def main() -> None:
     against = f"kohya {kohya_total / floor_total:.1f}×, " if kohya_total is not None else ""
     print(f"ratio dense / floor: {against}thin {thin_total / floor_total:.1f}× "
           "(no exact factored svd merge can beat these on this machine)")
-    if args.full:
+    if full_iters is not None:
         print(full_iters)
     else:
         flat = [i for pair in iters.values() for i in pair]
