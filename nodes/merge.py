@@ -63,11 +63,19 @@ class GrassmannLoRAKarcherMerge:
                                       "control_after_generate": False,
                                       "tooltip": "dare only: seed of the random drops."}),
             },
-            "optional": lora_slot_inputs("to merge"),
+            "optional": {
+                "karcher_max_iter": ("INT", {"default": 50, "min": 1, "max": 10000,
+                                             "tooltip": "karcher only: most gradient evaluations per module "
+                                                        "side. Related LoRAs converge in a few; for unrelated "
+                                                        "ones (mean not unique) the descent uses them all on a "
+                                                        "flat cost, so lowering this saves time while the merge "
+                                                        "barely changes."}),
+                **lora_slot_inputs("to merge"),
+            },
         }
 
     def run(self, model, clip, method, rank, weights, dtype, strength_model, strength_clip,
-            ties_density, dare_drop, dare_seed, **slots):
+            ties_density, dare_drop, dare_seed, karcher_max_iter=50, **slots):
         from ..core.errors import LoraError
         from ..core.merge import merge
 
@@ -77,7 +85,8 @@ class GrassmannLoRAKarcherMerge:
         progress = Progress(1)
         result = merge(loras, parse_weights(weights, len(loras)), method, merge_rank(method, rank),
                        dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
-                       dare_drop=dare_drop, naming="kohya", progress=progress)   # per module; cancel raises
+                       dare_drop=dare_drop, naming="kohya", max_iter=karcher_max_iter,
+                       progress=progress)   # per module; cancel raises
         # The merged factors are already cast to `dtype`: applying them "as stored"
         # is exactly what LoraLoader does with the file Save LoRA writes from them.
         model_out, clip_out = apply_lora(model, clip, result.lora, strength_model, strength_clip, None)

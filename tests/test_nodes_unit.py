@@ -418,6 +418,21 @@ def test_merge_node_matches_core_and_leaves_model_alone():
     assert sources[0][3] == f"{kept:.3f}"
 
 
+def test_merge_node_karcher_max_iter_reaches_core():
+    merge = pack("core.merge").merge
+    node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    a = random_lora("sd1", rank=4, seed=0, limit=4, path="a.safetensors")
+    b = random_lora("sd1", rank=4, seed=1, limit=4, path="b.safetensors")
+    c = random_lora("sd1", rank=4, seed=2, limit=4, path="c.safetensors")
+    out = node.run(None, None, "karcher", 0, "", "fp32", 0.0, 0.0, 0.2, 0.5, 0, karcher_max_iter=3,
+                   lora_1=a, lora_2=b, lora_3=c)
+    ref = merge([a, b, c], None, "karcher", None, dtype=torch.float32, max_iter=3)
+    assert out["result"][3] == ref.report.table()
+    assert ref.report.summary()["karcher"]["iterations_max"] == 3     # unrelated: stopped by the limit
+    declared = node.INPUT_TYPES()["optional"]["karcher_max_iter"]
+    assert declared[0] == "INT" and declared[1]["default"] == 50
+
+
 def test_merge_node_errors():
     node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
     a = random_lora("sd1", rank=4, seed=0, limit=4)
