@@ -281,6 +281,7 @@ class _Job:
     members: list[LoraModule] = field(default_factory=list)   # the modules the frames were built from
     workspace: "_Workspace | None" = None
     _target: FactoredSVD | None = None
+    _core: torch.Tensor | None = None
 
     @property
     def target(self) -> FactoredSVD:
@@ -296,9 +297,11 @@ class _Job:
 
     @property
     def target_core(self) -> torch.Tensor:
-        """Σ w_k ΔW_k in frame coordinates (n_out×n_in)."""
-        up, down = _target(self)
-        return up @ down
+        """Σ w_k ΔW_k in frame coordinates (n_out×n_in), formed once."""
+        if self._core is None:
+            up, down = _target(self)
+            self._core = up @ down
+        return self._core
 
     def lift(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged factors from frame coordinates to the module's space."""
