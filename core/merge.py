@@ -12,8 +12,12 @@ which are elementwise by nature (chunked there, memory bounded).
              the chordal (extrinsic) mean instead.
     linear   exact Σ w_k ΔW_k by concatenated factors, rank Σ r_k ("concat" is
              the same merge under its other name).
-    svd      best rank-p approximation of Σ w_k ΔW_k: QR of the stacked factors
-             and an SVD of the (Σr)×(Σr) core — equal to truncating a dense SVD.
+    svd      best rank-p approximation of Σ w_k ΔW_k: frames of the stacked
+             factors and the top-p triplets of the (Σr)×(Σr) core — equal to
+             truncating a dense SVD.
+    karcher and svd run in orthonormal frames of span[up_1 … up_K] and
+    span[down_1ᵀ … down_Kᵀ] (core.factored.frame: one Gram product per side),
+    so everything after the Grams costs the same whatever d (see _Job).
     ties     TIES (Yadav et al. 2023) on the task vectors τ_k = w_k ΔW_k: keep
              each τ_k's top `ties_density` fraction by magnitude, elect each
              entry's sign by the sign of Σ_k trimmed τ_k, average the trimmed
