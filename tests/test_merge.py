@@ -159,6 +159,21 @@ def test_karcher_merge_independent_of_order_and_factor_basis():
     assert all(s["unique"] and s["converged"] for m in ref.report.modules for s in m.karcher.values())
 
 
+def test_batched_karcher_merge_equals_module_by_module(monkeypatch):
+    """The CUDA default (modules of one coordinate shape stacked, flushed every
+    KARCHER_BATCH) gives the module-by-module result, in module order."""
+    import core.merge as cm
+    a = lora(1, rank=4)
+    srcs = [a, related(a, 0.2, 2), related(a, 0.3, 3)]
+    monkeypatch.setattr(cm, "KARCHER_BATCH", 2)
+    one = merge(srcs, [0.5, 0.3, 0.2], method="karcher", dtype=F64, batched=False)
+    many = merge(srcs, [0.5, 0.3, 0.2], method="karcher", dtype=F64, batched=True)
+    assert list(many.lora.modules) == list(one.lora.modules) == NAMES
+    for name in NAMES:
+        assert rel(many.lora.modules[name].delta(), one.lora.modules[name].delta()) < 1e-10
+    assert [m.name for m in many.report.modules] == NAMES
+
+
 def test_karcher_of_unrelated_loras_warns_not_unique_and_stays_finite():
     srcs = [lora(1, rank=4), lora(2, rank=4), lora(3, rank=4)]
     res = merge(srcs, [1, 1, 1], method="karcher", max_iter=15)
