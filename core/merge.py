@@ -67,7 +67,7 @@ from . import __version__
 from .device import default_device, linalg_threads
 from .errors import LoraError
 from .formats import require_same_base
-from .factored import (DEAD_ATOL, RANK_RTOL, FactoredSVD, Frame, frame, leading_svd, module_svd, modules_svd,
+from .factored import (RANK_RTOL, FactoredSVD, Frame, frame, leading_svd, module_svd, modules_svd,
                        svd_from_factors)
 from .karcher import DETERMINISTIC_CHOICE, DISTANCES, KarcherResult, karcher_mean
 from .lora import LoraFile, LoraModule, module_part
