@@ -307,6 +307,13 @@ class _Job:
             self._core = up @ down
         return self._core
 
+    @property
+    def target_norm(self) -> float:
+        """‖Σ w_k ΔW_k‖_F: of the small core in frames (no SVD needed), else from the target's SVD."""
+        if self.frames is None:
+            return self.target.frobenius()
+        return float(torch.linalg.matrix_norm(self.target_core))
+
     def lift(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged factors from frame coordinates to the module's space."""
         if self.frames is None:
@@ -528,9 +535,9 @@ def _karcher(group: list[_Job], distance: str, tol: float | None, max_iter: int)
         core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
         pp, ss, qh = torch.linalg.svd(core)
         known = FactoredSVD(u @ pp, ss, v @ qh.T)
-        # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation)
-        error = (float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
-                 if job.frames is not None else None)
+        # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation);
+        # every Karcher job has frames (several sources, a framed method)
+        error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
         out.append((*_split(known.U, known.S, known.V), {"U": _side(ku, b), "V": _side(kv, b)}, known, error))
     return out
 
@@ -709,8 +716,7 @@ def _fidelity(job: _Job, up: torch.Tensor, down: torch.Tensor, scale: float, gro
               error: float | None = None) -> ModuleReport | None:
     """known: the merge's SVD when the method built it (no second factorisation);
     error: ‖ΔW_merge − target‖_F when the method knows it exactly."""
-    target = (job.target.frobenius() if job.frames is None or job._target is not None
-              else float(torch.linalg.matrix_norm(job.target_core)))
+    target = job.target_norm
     if error is None:
         error = _error_norm(job.target, scale * up, down)
     merged = known if known is not None else svd_from_factors(up, down, scale)
