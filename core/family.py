@@ -13,6 +13,9 @@ import math
 import re
 from typing import Iterable, Mapping
 
+from .arch import FAMILY_MODULES
+from .lora import FAMILIES
+
 _CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
@@ -33,13 +36,15 @@ def family_from_metadata(metadata: Mapping[str, str] | None) -> str | None:
     """The family a file's metadata claims, if any."""
     md = metadata or {}
     own = md.get("grassmann_lora.family", "")
-    if own in ("sd1", "sd2", "sdxl", "sd3", "flux"):
+    if own in FAMILIES and own != "unknown":
         return own
     for text in (md.get("modelspec.architecture", ""), md.get("ss_base_model_version", "")):
         text = text.lower()
         if not text:
             continue
-        if "flux" in text:
+        if re.search(r"flux[-._ ]?2", text):
+            return "flux2"
+        if "flux" in text or "chroma" in text:
             return "flux"
         if "xl" in text:
             return "sdxl"
@@ -52,6 +57,26 @@ def family_from_metadata(metadata: Mapping[str, str] | None) -> str | None:
     if md.get("ss_v2", "").lower() == "true":
         return "sd2"
     return None
+
+
+# Key patterns (dots as underscores) that make a DiT family worth fitting its
+# table to (core.formats.fit decides among the candidates by names and shapes).
+_DIT_HINTS: dict[str, re.Pattern] = {
+    "flux": re.compile(r"(?:^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d"
+                       r"|transformer_blocks_\d+_attn_(?:add_[qkv]_proj|to_[qkv])$"),
+    "flux2": re.compile(r"(?:^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d"
+                        r"|(?:double|single)_stream_modulation|to_qkv_mlp_proj|time_guidance_embed"
+                        r"|transformer_blocks_\d+_attn_(?:add_[qkv]_proj|to_[qkv])$"),
+}
+
+
+def dit_candidates(names: Iterable[str], metadata: Mapping[str, str] | None = None) -> list[str]:
+    """DiT families (with a table in core.arch) whose key patterns occur, in
+    the registry's order; the family the metadata claims is always tried."""
+    flat = [n.replace(".", "_") for n in names]
+    claimed = family_from_metadata(metadata)
+    return [f for f in FAMILY_MODULES
+            if f == claimed or (f in _DIT_HINTS and any(_DIT_HINTS[f].search(n) for n in flat))]
 
 
 def _in_width(shape) -> int:
@@ -113,5 +138,6 @@ def explain_family(names: Iterable[str], shapes: Mapping[str, tuple] | None = No
 
 def detect_family(names: Iterable[str], shapes: Mapping[str, tuple] | None = None,
                   metadata: Mapping[str, str] | None = None) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux' or 'unknown'."""
+    """A family id of core.lora.FAMILIES ('unknown' when nothing decides).
+    DiT families are refined by fitting tables (core.formats.fit)."""
     return explain_family(names, shapes, metadata)[0]

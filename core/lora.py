@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 # Base-model families we detect; "unknown" when nothing decides it.
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "qwen_image", "z_image", "wan", "hidream",
+            "hunyuan_video", "ltx", "unknown")
 FAMILY_LABELS = {
-    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3",
-    "flux": "Flux", "unknown": "unknown",
+    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5",
+    "flux": "Flux.1", "flux2": "Flux.2", "qwen_image": "Qwen-Image", "z_image": "Z-Image",
+    "wan": "Wan 2.x", "hidream": "HiDream", "hunyuan_video": "HunyuanVideo", "ltx": "LTX-Video",
+    "unknown": "unknown",
 }
 
 

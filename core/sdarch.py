@@ -1,4 +1,5 @@
-"""Module names and shapes of the Stable Diffusion networks LoRAs target.
+"""Module names and shapes of the networks LoRAs target (the SD UNets here,
+DiT families in ``core.arch``).
 
 One table per family maps every adaptable module's canonical kohya name to its
 base weight shape, plus aliases (diffusers dotted paths, original-LDM paths,
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .arch import FAMILY_MODULES
+
 
 @dataclass
 class Arch:
@@ -20,6 +23,13 @@ class Arch:
     # canonical module name -> block group label used in reports
     groups: dict[str, str] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)               # depth order for plots
+    variant: str | None = None
+    # Split layouts: a module that the original model fuses (Flux img_attn.qkv)
+    # and diffusers splits (to_q, to_k, to_v). spelling of a part -> its
+    # placements (fused canonical, row_start, row_end, first row of the part).
+    splits: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    # fused canonical -> [(dotted part alias, row_start, row_end, first part row)]
+    split_parts: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
 
     def add(self, canonical: str, shape: tuple[int, ...], group: str, *dotted_aliases: str):
         self.order.setdefault(canonical, len(self.order))
@@ -30,8 +40,47 @@ class Arch:
             self.aliases[dotted] = canonical
             self.aliases[dotted.replace(".", "_")] = canonical
 
+    def add_split(self, canonical: str, shape: tuple[int, ...], group: str,
+                  parts: list[tuple], *dotted_aliases: str):
+        """A fused module and the split modules other layouts use for it.
+
+        ``parts``: (dotted alias, row_start, row_end[, part_row]) — rows
+        row_start:row_end of the fused weight are rows part_row:part_row +
+        (row_end - row_start) of the split module (part_row 0 unless one split
+        module lands in several places, e.g. a scale/shift swap)."""
+        self.add(canonical, shape, group, *dotted_aliases)
+        for part in parts:
+            alias, start, end, first = (*part, 0) if len(part) == 3 else part
+            if not 0 <= start < end <= shape[0]:
+                raise ValueError(f"{alias}: rows {start}:{end} outside {canonical} {shape}")
+            self.split_parts.setdefault(canonical, []).append((alias, start, end, first))
+            for spelling in {alias, alias.replace(".", "_")}:
+                self.splits.setdefault(spelling, []).append((canonical, start, end, first))
+
     def canonical(self, name: str) -> str | None:
         return self.aliases.get(name)
+
+    def split_of(self, name: str) -> tuple[str, tuple[tuple[int, int, int], ...]] | None:
+        """(fused canonical, ((row_start, row_end, part_row), …)) for a split part's spelling."""
+        hits = self.splits.get(name)
+        if not hits:
+            return None
+        return hits[0][0], tuple((s, e, f) for _, s, e, f in hits)
+
+    def absorb(self, other: "Arch") -> None:
+        """Add the modules of ``other`` this table lacks (a union of variants)."""
+        for name, shape in other.shapes.items():
+            if name in self.shapes:
+                continue
+            self.order.setdefault(name, len(self.order))
+            self.shapes[name] = shape
+            self.groups[name] = other.groups[name]
+        for spelling, canonical in other.aliases.items():
+            self.aliases.setdefault(spelling, canonical)
+        for spelling, hits in other.splits.items():
+            self.splits.setdefault(spelling, hits)
+        for canonical, parts in other.split_parts.items():
+            self.split_parts.setdefault(canonical, parts)
 
 
 def _transformer(arch: Arch, ck: str, dif: str | None, ldm: str | None, c: int, ctx: int,
@@ -140,9 +189,17 @@ def _text_encoder(arch: Arch, prefix: str, layers: int, width: int, mlp: int, la
                      path, f"{comfy_name}.transformer.{path}")
 
 
+def arch_for(family: str, variant: str | None = None) -> Arch:
+    """The module table of a family (the union of its variants when ``variant``
+    is None). SD1/SD2/SDXL are built here, DiT families in ``core.arch``."""
+    if family in DIT_FAMILIES:
+        from . import arch
+        return arch.build(family, variant)
+    return _unet_arch(family)
+
+
 @lru_cache(maxsize=None)
-def arch_for(family: str) -> Arch:
-    """Tables for 'sd1', 'sd2', 'sdxl'. Other families have no table (names pass through)."""
+def _unet_arch(family: str) -> Arch:
     arch = Arch(family)
     if family == "sd1":
         _unet(arch, [320, 640, 1280, 1280], [True, True, True, False], [1, 1, 1, 1], 768,
@@ -162,7 +219,8 @@ def arch_for(family: str) -> Arch:
     return arch
 
 
-TABLE_FAMILIES = ("sd1", "sd2", "sdxl")
+DIT_FAMILIES = tuple(FAMILY_MODULES)
+TABLE_FAMILIES = ("sd1", "sd2", "sdxl", *DIT_FAMILIES)
 
 
 def attention_modules(family: str, text_encoder: bool = True) -> list[str]:

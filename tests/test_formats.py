@@ -254,20 +254,19 @@ def test_text_encoder_slots():
         == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 
 
-def test_families_without_a_table_get_kohya_style_names():
+def test_dit_names_resolve_through_tables():
+    # Flux has a table (core.arch.flux): diffusers split parts name their fused LDM module
     assert canonical_name("transformer.single_transformer_blocks.3.attn.to_q", "flux") == \
-        ("lora_unet_single_transformer_blocks_3_attn_to_q", False)
+        ("lora_unet_single_blocks_3_linear1", True)
     assert canonical_name("lora_unet_double_blocks_0_img_attn_qkv", "flux") == \
-        ("lora_unet_double_blocks_0_img_attn_qkv", False)
-    assert canonical_name("diffusion_model.joint_blocks.0.x_block.attn.qkv", "sd3") == \
-        ("lora_unet_joint_blocks_0_x_block_attn_qkv", False)
+        ("lora_unet_double_blocks_0_img_attn_qkv", True)
     assert canonical_name("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q",
-                          "flux")[0] == "lora_te2_encoder_block_0_layer_0_SelfAttention_q"
+                          "flux") == ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", True)
     assert canonical_name("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
-                          "flux")[0] == "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+                          "flux") == ("lora_te1_text_model_encoder_layers_0_mlp_fc1", True)
 
 
-def test_flux_file_reads_with_pass_through_names(tmp_path):
+def test_flux_file_reads_split_parts_as_fused_modules(tmp_path):
     t = {}
     for k, (o, i) in {"transformer.single_transformer_blocks.0.attn.to_q": (3072, 3072),
                       "transformer.transformer_blocks.0.attn.add_q_proj": (3072, 3072)}.items():
@@ -275,9 +274,9 @@ def test_flux_file_reads_with_pass_through_names(tmp_path):
     save_file(t, str(tmp_path / "flux.safetensors"))
     lora = load_lora(str(tmp_path / "flux.safetensors"))
     assert lora.family == "flux" and lora.format == "peft"
-    assert set(lora.modules) == {"lora_unet_single_transformer_blocks_0_attn_to_q",
-                                 "lora_unet_transformer_blocks_0_attn_add_q_proj"}
-    assert not lora.warnings  # no table, so nothing is "outside" it
+    assert set(lora.modules) == {"lora_unet_single_blocks_0_linear1",
+                                 "lora_unet_double_blocks_0_txt_attn_qkv"}
+    assert not lora.warnings
 
 
 # ---- family detection -------------------------------------------------------

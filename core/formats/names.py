@@ -8,8 +8,12 @@ Canonical names are what kohya sd-scripts writes and ComfyUI maps
   LDM path, dotted or underscored).
 * Text encoders: ``lora_te_`` (SD1/SD2), ``lora_te1_``/``lora_te2_`` (SDXL:
   CLIP-L / CLIP-G) + the transformers path with dots → underscores.
-* Families without a table (sd3, flux, unknown) and modules missing from a
-  table: ``lora_unet_`` / ``lora_te*_`` + the path with dots → underscores.
+* DiT families (tables in ``core.arch``): ``lora_unet_<LDM key>``, found
+  from the LDM or diffusers spelling; a diffusers module that is a slice of a
+  fused LDM weight (Flux ``to_q`` of ``img_attn.qkv``) resolves to the fused
+  module plus its rows (``resolve_module``).
+* Families without a table and modules missing from a table: ``lora_unet_`` /
+  ``lora_te*_`` + the path with dots → underscores.
 """
 from __future__ import annotations
 
@@ -134,8 +138,9 @@ def resolve_part(part: str, family: str) -> str:
         return "te" if part in ("te", "te1", "clip_l", "clip_h") else {"clip_g": "te2"}.get(part, part)
     if family == "sdxl":
         return {"te": "te1", "clip_l": "te1", "clip_g": "te2"}.get(part, part)
-    t5 = "te2" if family == "flux" else "te3"
-    return {"clip_l": "te1", "clip_g": "te2", "clip_h": "te", "t5xxl": t5}.get(part, part)
+    if family == "flux":  # CLIP-L and T5 only; OneTrainer and diffusers put T5 second
+        return {"te": "te1", "clip_l": "te1", "te2": "te3", "t5xxl": "te3"}.get(part, part)
+    return {"clip_l": "te1", "clip_g": "te2", "clip_h": "te", "t5xxl": "te3"}.get(part, part)
 
 
 _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
@@ -156,19 +161,35 @@ def kohya_name(part: str, body: str) -> str:
     return f"lora_{part}_{body.replace('.', '_')}"
 
 
-def canonical_name(module_key: str, family: str) -> tuple[str, bool]:
-    """(canonical kohya name, whether the family's table knows it)."""
+Rows = tuple[tuple[int, int, int], ...]
+
+
+def resolve_module(module_key: str, family: str, variant: str | None = None
+                   ) -> tuple[str, bool, Rows | None]:
+    """(canonical kohya name, whether the family's table knows it, rows): rows
+    is None for a whole module, else the placements ((row_start, row_end,
+    part_row), …) of a split part inside the fused module it names."""
     raw_part, body = split_prefix(module_key)
     part = resolve_part(raw_part, family)
     body = normalise_body(body, part != "unet")
     if family in TABLE_FAMILIES:
-        arch = arch_for(family)
+        arch = arch_for(family, variant)
         if part == "unet":
             hit = arch.canonical(body)
             if hit:
-                return hit, True
+                return hit, True, None
+            split = arch.split_of(body)
+            if split:
+                return split[0], True, split[1]
         else:
             name = kohya_name(part, body)
             if name in arch.shapes:
-                return name, True
-    return kohya_name(part, body), False
+                return name, True, None
+    return kohya_name(part, body), False, None
+
+
+def canonical_name(module_key: str, family: str) -> tuple[str, bool]:
+    """(canonical kohya name, whether the family's table knows it); a split
+    part (diffusers to_q of Flux) gives the fused module it belongs to."""
+    name, known, _ = resolve_module(module_key, family)
+    return name, known

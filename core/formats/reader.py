@@ -18,12 +18,14 @@ import torch
 
 from ..device import linalg_threads
 from ..errors import LoraError
-from ..family import explain_family, family_from_metadata
+from ..family import dit_candidates, explain_family, family_from_metadata
 from ..lora import FAMILY_LABELS, LoraFile, LoraModule, is_all_zero, scale_from_alpha
-from ..sdarch import TABLE_FAMILIES, arch_for
+from ..sdarch import DIT_FAMILIES, TABLE_FAMILIES, arch_for
 from . import cloneofsimo
 from .adapters import ModulePlan, build_factors, plan_module
-from .names import canonical_name, classify_extra, parse_key
+from .fit import best_table, part_rows
+from .fused import fuse
+from .names import classify_extra, parse_key, resolve_module
 
 # Everything LoraFile.format can be.
 FORMATS = ("kohya", "lycoris-loha", "lycoris-lokr", "lycoris", "diffusers-processor", "diffusers",
@@ -56,12 +58,16 @@ class LoraReader:
         self.warnings: list[str] = []
         groups, namings = self._group_keys()
         self._plans: dict[str, ModulePlan] = {}
-        self._alphas: dict[str, str] = {}      # canonical name -> alpha key
+        self._alphas: dict[str, str] = {}      # module key -> alpha key
         self._dora: set[str] = set()
+        # fused canonical name -> its split parts (plan, placements in the fused rows)
+        self._fused: dict[str, list[tuple[ModulePlan, tuple]]] = {}
         plans = self._plan(groups, namings)
         self.family, self.family_reason = explain_family(
             [p.module_key for p in plans], {p.module_key: p.weight_shape for p in plans}, self.metadata)
         claimed = family_from_metadata(self.metadata)
+        self.variant: str | None = None
+        self._fit_dit(plans, claimed)
         if claimed and claimed != self.family:
             self.warnings.append(f"metadata says {FAMILY_LABELS[claimed]} but the modules say "
                                  f"{FAMILY_LABELS[self.family]} ({self.family_reason}); using the modules")
@@ -152,12 +158,33 @@ class LoraReader:
         raise LoraError("no LoRA weights found (no lora_up/lora_down, lora_A/lora_B, hada_* or lokr_* "
                         "tensors)", self.path, keys[0])
 
+    def _fit_dit(self, plans: list[ModulePlan], claimed: str | None) -> None:
+        """Family and variant of a DiT file by fitting its modules to the tables."""
+        candidates = dit_candidates([p.module_key for p in plans], self.metadata)
+        if self.family in DIT_FAMILIES and self.family not in candidates:
+            candidates.append(self.family)
+        if not candidates:
+            return
+        best = best_table(plans, candidates, claimed)
+        if best is None:
+            return
+        family, self.variant, good, bad = best
+        if family != self.family or not self.family_reason.startswith("module"):
+            self.family_reason = f"modules fit the {FAMILY_LABELS[family]} ({self.variant}) table"
+        self.family = family
+
     def _name_modules(self, plans: list[ModulePlan], groups: dict[str, dict[str, str]]) -> None:
-        table = arch_for(self.family) if self.family in TABLE_FAMILIES else None
+        table = arch_for(self.family, self.variant) if self.family in TABLE_FAMILIES else None
         outside = []
         owner: dict[str, str] = {}
         for plan in plans:
-            name, known = canonical_name(plan.module_key, self.family)
+            name, known, rows = resolve_module(plan.module_key, self.family, self.variant)
+            roles = groups[plan.module_key]
+            if "alpha" in roles:
+                self._alphas[plan.module_key] = roles["alpha"]
+            if rows is not None:
+                self._add_part(name, plan, rows, table, owner)
+                continue
             if name in owner:
                 raise LoraError(f"two modules map to the same layer {name} ({owner[name]!r} and "
                                 f"{plan.module_key!r})", self.path, plan.first_key)
@@ -173,14 +200,12 @@ class LoraReader:
                 plan.weight_shape = expected
             elif table is not None:
                 outside.append(name)
-            roles = groups[plan.module_key]
-            if "alpha" in roles:
-                self._alphas[name] = roles["alpha"]
             if "dora_scale" in roles:
                 self._dora.add(name)
                 self.extras[roles["dora_scale"]] = ("DoRA magnitude: ΔW here is the low-rank direction "
                                                     "only, not the weight-decomposed update")
             self._plans[name] = plan
+        self._plan_fused(table)
         if table is not None:  # depth order, modules outside the table last
             order = sorted(self._plans, key=lambda n: table.order.get(n, len(table.order)))
             self._plans = {n: self._plans[n] for n in order}
@@ -188,6 +213,41 @@ class LoraReader:
             self.warnings.append(f"{len(outside)} module(s) are not in the {FAMILY_LABELS[self.family]} "
                                  f"table; kept under kohya-style names without a shape check: "
                                  f"{_listing(outside)}")
+
+    def _add_part(self, name: str, plan: ModulePlan, rows: tuple, table, owner: dict[str, str]) -> None:
+        """A split module (diffusers to_q of a fused qkv): checked against its
+        rows and kept for assembling the fused module."""
+        shape = table.shapes[name]
+        want = (part_rows(rows), int(math.prod(shape[1:])))
+        if (plan.d_out, plan.d_in) != want or len(plan.weight_shape) != 2:
+            raise LoraError(f"module shape {plan.weight_shape} contradicts the {FAMILY_LABELS[self.family]} "
+                            f"shape {want} of this slice of {name} (family from {self.family_reason})",
+                            self.path, plan.first_key)
+        if name in owner:
+            raise LoraError(f"{plan.module_key!r} is a slice of {name}, which {owner[name]!r} already "
+                            "gives whole", self.path, plan.first_key)
+        for other, other_rows in self._fused.get(name, []):
+            if any(s < e2 and s2 < e for s, e, _ in rows for s2, e2, _ in other_rows):
+                raise LoraError(f"two modules give the same rows of {name} ({other.module_key!r} and "
+                                f"{plan.module_key!r})", self.path, plan.first_key)
+        if "dora_scale" in plan.keys:
+            raise LoraError("DoRA on a split module is not supported", self.path, plan.keys["dora_scale"])
+        self._fused.setdefault(name, []).append((plan, rows))
+
+    def _plan_fused(self, table) -> None:
+        """One plan per fused module: rank = the parts' ranks summed."""
+        for name, parts in self._fused.items():
+            if name in self._plans:
+                raise LoraError(f"{name} is given both whole and as slices", self.path,
+                                parts[0][0].first_key)
+            shape = table.shapes[name]
+            plans = [p for p, _ in parts]
+            kinds = {p.kind for p in plans}
+            keys = {f"{i}.{role}": key for i, p in enumerate(plans) for role, key in p.keys.items()}
+            self._plans[name] = ModulePlan(
+                " + ".join(p.module_key for p in plans), kinds.pop() if len(kinds) == 1 else "lora", keys,
+                shape[0], int(math.prod(shape[1:])), tuple(shape), sum(p.rank for p in plans), None,
+                plans[0].naming)
 
     def _format(self) -> str:
         kinds = {p.kind for p in self._plans.values()}
@@ -224,28 +284,48 @@ class LoraReader:
         with linalg_threads(1):  # small tensor ops: one thread is far faster on busy CPUs
             return self._read(name)
 
-    def _read(self, name: str) -> LoraModule:
-        plan = self._plans[name]
-        get = self.source.get
+    def _stored_dtype(self, plan: ModulePlan) -> torch.dtype:
         dtypes = [self.source.dtype(k) for k in plan.keys.values()]
-        stored = max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
-        work = torch.float64 if stored == torch.float64 else torch.float32
+        return max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
+
+    def _factors(self, plan: ModulePlan, work: torch.dtype):
+        """(up, down, scale, alpha, source keys) of one stored module."""
+        get = self.source.get
         up, down = build_factors(plan, get, work)
         alpha = None
-        if name in self._alphas:
-            value = get(self._alphas[name])
+        alpha_key = self._alphas.get(plan.module_key)
+        if alpha_key is not None:
+            value = get(alpha_key)
             if value.numel() != 1:
                 raise LoraError(f"alpha must be a single number, got shape {tuple(value.shape)}",
-                                self.path, self._alphas[name])
+                                self.path, alpha_key)
             alpha = float(value.reshape(()).item())
         scale = scale_from_alpha(alpha, plan.divisor) if plan.divisor else 1.0
         if alpha is None and self._peft:
             found = _peft_alpha(self._peft, plan.module_key, plan.rank)
             if found is not None:
                 alpha, scale = found
-        return LoraModule(name, up, down, scale, plan.rank, alpha, plan.weight_shape, plan.kind,
-                          tuple(plan.keys.values()) + ((self._alphas[name],) if name in self._alphas else ()),
-                          stored)
+        return up, down, scale, alpha, tuple(plan.keys.values()) + ((alpha_key,) if alpha_key else ())
+
+    def _read(self, name: str) -> LoraModule:
+        plan = self._plans[name]
+        stored = self._stored_dtype(plan)
+        work = torch.float64 if stored == torch.float64 else torch.float32
+        if name in self._fused:
+            return self._read_fused(name, plan, stored, work)
+        up, down, scale, alpha, keys = self._factors(plan, work)
+        return LoraModule(name, up, down, scale, plan.rank, alpha, plan.weight_shape, plan.kind, keys, stored)
+
+    def _read_fused(self, name: str, plan: ModulePlan, stored: torch.dtype, work: torch.dtype) -> LoraModule:
+        parts, keys = [], ()
+        for part, rows in self._fused[name]:
+            up, down, scale, _, part_keys = self._factors(part, work)
+            parts.append((up, down, scale, rows))
+            keys += part_keys
+        up, down, scale = fuse(plan.d_out, parts)
+        # alpha/rank = scale keeps kohya's reading of the fused module
+        return LoraModule(name, up, down, scale, plan.rank, scale * plan.rank, plan.weight_shape,
+                          plan.kind, keys, stored)
 
     def __iter__(self) -> Iterator[LoraModule]:
         for name in self._plans:

@@ -1,0 +1,19 @@
+"""Text-encoder tables shared by DiT families (CLIP comes from core.sdarch)."""
+from __future__ import annotations
+
+
+def t5_encoder(arch, prefix: str, label: str, comfy_name: str = "t5xxl", blocks: int = 24,
+               d_model: int = 4096, inner: int = 4096, ff: int = 10240):
+    """T5 v1.1 encoder (gated GELU FFN): what kohya writes as ``lora_te3_encoder_block_…``
+    and ComfyUI keeps under ``t5xxl.transformer.encoder.block…``."""
+    for i in range(blocks):
+        base = f"encoder.block.{i}"
+        subs = [(f"layer.0.SelfAttention.{p}", (inner, d_model) if p != "o" else (d_model, inner), "attn")
+                for p in ("q", "k", "v", "o")]
+        subs += [("layer.1.DenseReluDense.wi_0", (ff, d_model), "mlp"),
+                 ("layer.1.DenseReluDense.wi_1", (ff, d_model), "mlp"),
+                 ("layer.1.DenseReluDense.wo", (d_model, ff), "mlp")]
+        for sub, shape, kind in subs:
+            path = f"{base}.{sub}"
+            arch.add(prefix + path.replace(".", "_"), shape, f"{label} {kind}", path,
+                     f"{comfy_name}.transformer.{path}")
