@@ -1,6 +1,7 @@
 """ComfyUI node adapters over core/. The only package that imports ComfyUI
 (and only inside functions, so importing the node classes needs no ComfyUI)."""
 from .analysis import GrassmannLoRAKernelMatrix, GrassmannLoRASimilarity
+from .fidelity import GrassmannLoRAMergeFidelity
 from .grid import GrassmannLoRACompareGrid
 from .lora_io import GrassmannLoRAApply, GrassmannLoRALoad, GrassmannLoRASave
 from .merge import GrassmannLoRAKarcherMerge
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "GrassmannLoRAApply": GrassmannLoRAApply,
     "GrassmannLoRASave": GrassmannLoRASave,
     "GrassmannLoRACompareGrid": GrassmannLoRACompareGrid,
+    "GrassmannLoRAMergeFidelity": GrassmannLoRAMergeFidelity,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "GrassmannLoRAApply": "Apply LoRA (Grassmann)",
     "GrassmannLoRASave": "Save LoRA (Grassmann)",
     "GrassmannLoRACompareGrid": "Compare Grid (Grassmann)",
+    "GrassmannLoRAMergeFidelity": "LoRA Merge Fidelity (Grassmann)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -94,7 +94,7 @@ def test_pack_import_is_cheap():
             "m = importlib.util.module_from_spec(spec); sys.modules['gl_pack'] = m; spec.loader.exec_module(m); "
             "print(len(m.NODE_CLASS_MAPPINGS), 'torch' in sys.modules, 'gl_pack.core' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["7", "False", "False"], out.stdout + out.stderr
+    assert out.stdout.split() == [str(len(NODE_CLASS_MAPPINGS)), "False", "False"], out.stdout + out.stderr
 
 
 def test_display_names_unique_and_mapped():
@@ -103,7 +103,7 @@ def test_display_names_unique_and_mapped():
 
 
 def test_dynamic_lora_slots_declared_in_order():
-    for node_id in ("GrassmannLoRAKernelMatrix", "GrassmannLoRAKarcherMerge"):
+    for node_id in ("GrassmannLoRAKernelMatrix", "GrassmannLoRAKarcherMerge", "GrassmannLoRAMergeFidelity"):
         optional = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
         slots = [k for k in optional if k.startswith("lora_")]
         assert slots == [f"lora_{k}" for k in range(1, common.MAX_LORAS + 1)]

@@ -36,7 +36,7 @@ pytestmark = [
 
 PACK_NODES = ["GrassmannLoRALoad", "GrassmannLoRASimilarity", "GrassmannLoRAKernelMatrix",
               "GrassmannLoRAKarcherMerge", "GrassmannLoRAApply", "GrassmannLoRASave",
-              "GrassmannLoRACompareGrid"]
+              "GrassmannLoRACompareGrid", "GrassmannLoRAMergeFidelity"]
 SIZE, STEPS, CFG = 64, 1, 1.0          # cfg 1: ComfyUI skips the negative pass
 # The random UNet barely reacts to a real LoRA (its output moves by ~1e-5 of
 # itself at strength 1: one or two 8-bit pixels of 4096 change). The side-by-side
