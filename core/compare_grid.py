@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .plot import BACKGROUND, TEXT_COLOR, _font, _text_size
+from .plot import BACKGROUND, TEXT_COLOR, _font, _text_size, drawable
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 MIN_TILE = 256          # auto upscaling makes tiles at least this wide, so captions fit
@@ -124,12 +124,15 @@ def grid_geometry(n: int, h: int, w: int, columns: int = 0, upscale: int = 0) ->
 
 
 def _fit(text: str, font, width: int) -> str:
-    """Shorten text with an ellipsis until it fits ``width`` pixels."""
+    """Shorten text with an ellipsis until it fits ``width`` pixels. Spelled in ASCII
+    (core.plot.drawable): Pillow < 10.1's built-in bitmap font cannot encode "…"
+    or other non-Latin-1 text and raises (the WebUIs pin Pillow 9.5)."""
+    text = drawable(text)
     if _text_size(font, text)[0] <= width:
         return text
-    while text and _text_size(font, text + "…")[0] > width:
+    while text and _text_size(font, text + "...")[0] > width:
         text = text[:-1]
-    return text + "…"
+    return text + "..."
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from .errors import LoraError
 from .lora import LoraFile
 
+FILE_MODE = 0o644
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -39,6 +40,7 @@ def atomic_write(path: str, write, suffix: str = "", overwrite: bool = False) ->
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)     # mkstemp makes 0600; a saved LoRA or report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

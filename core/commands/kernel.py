@@ -81,8 +81,31 @@ def load_all(paths: list[str]) -> tuple[list, list[str]]:
     return loras, skipped
 
 
+def cluster_as_asked(km, clusters: int | None, dbscan, method: str = "spectral", seed: int = 0,
+                     force: bool = False):
+    """(clustering, note): the clusters asked for (k, or DBSCAN's (EPS, MIN)); without either,
+    k by the eigengap, which is optional: when it fails the note says why instead."""
+    from ..kernel_matrix import cluster_kernel_matrix
+
+    explicit = clusters is not None or dbscan is not None
+    if dbscan is not None:
+        try:
+            eps, min_samples = float(dbscan[0]), int(dbscan[1])
+        except (TypeError, ValueError, IndexError):
+            raise LoraError(f"dbscan needs EPS (a number) and MIN (an integer); got {dbscan}")
+        kwargs = dict(method="dbscan", eps=eps, min_samples=min_samples)
+    else:
+        kwargs = dict(method=method, k=clusters)
+    try:
+        return cluster_kernel_matrix(km, seed=seed, force=force, **kwargs), None
+    except LoraError as err:
+        if explicit:
+            raise
+        return None, f"no clustering: {err}"
+
+
 def run(args) -> int:
-    from ..kernel_matrix import cluster_kernel_matrix, compute_kernel_matrix
+    from ..kernel_matrix import compute_kernel_matrix
     from ..plot import image_to_png
 
     loras, skipped = load_all(args.paths)
@@ -92,23 +115,8 @@ def run(args) -> int:
         raise LoraError(f"need at least two LoRAs, got {len(loras)}")
     km = compute_kernel_matrix(loras, args.kernel, args.beta, args.alpha, args.side,
                                args.module_filter, args.top, force=args.force)
-    result, note = None, None
-    if not args.no_cluster:
-        explicit = args.clusters is not None or args.dbscan is not None
-        if args.dbscan is not None:
-            try:
-                eps, min_samples = float(args.dbscan[0]), int(args.dbscan[1])
-            except ValueError:
-                raise LoraError(f"--dbscan needs EPS (a number) and MIN (an integer); got {args.dbscan}")
-            kwargs = dict(method="dbscan", eps=eps, min_samples=min_samples)
-        else:
-            kwargs = dict(method=args.method, k=args.clusters)
-        try:
-            result = cluster_kernel_matrix(km, seed=args.seed, force=args.force, **kwargs)
-        except LoraError as err:
-            if explicit:
-                raise
-            note = f"no clustering: {err}"   # automatic clustering is optional
+    result, note = (None, None) if args.no_cluster else \
+        cluster_as_asked(km, args.clusters, args.dbscan, args.method, args.seed, args.force)
     print(km.text_summary(result))
     if note:
         print(f"warning: {note}")
