@@ -6,9 +6,6 @@ import os
 from .common import (CATEGORY, DTYPE_CHOICES, LORA_TYPE, Progress, apply_lora, connected_loras,
                      lora_slot_inputs, node_result, parse_weights, save_dtype, table, text_block)
 
-METHODS = ["karcher", "linear", "concat", "svd", "ties", "dare"]
-EXACT_METHODS = ("linear", "concat")     # no merge rank: the rank input is ignored for them
-
 
 class GrassmannLoRAKarcherMerge:
     DESCRIPTION = ("Merges the connected LoRAs into one LoRA of the chosen rank (Karcher mean of their "
@@ -26,16 +23,13 @@ class GrassmannLoRAKarcherMerge:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..core.merge import TABLE, describe
+
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to patch with the merge."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder to patch with the merge."}),
-                "method": (METHODS, {"default": "karcher",
-                                     "tooltip": "karcher: weighted Karcher mean of the column and row "
-                                                "spaces on the Grassmann manifold; linear / concat: the exact "
-                                                "weighted sum (stacked factors, ranks add up); svd: best rank-p "
-                                                "approximation of the weighted sum; ties / dare: TIES sign "
-                                                "consensus or DARE drop-and-rescale on ΔW, then rank p."}),
+                "method": (list(TABLE), {"default": "karcher", "tooltip": describe()}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 1024,
                                  "tooltip": "Rank p of the merged LoRA (karcher, svd, ties, dare). 0: per "
                                             "module, the smallest rank among the sources that have it (a "
@@ -99,7 +93,9 @@ class GrassmannLoRAKarcherMerge:
 def merge_rank(method: str, rank: int) -> int | None:
     """The node's rank input as core.merge takes it: 0 (and any value for the
     exact linear/concat merges, which have no rank) is None = core's default."""
-    return None if method in EXACT_METHODS or rank == 0 else rank
+    from ..core.merge import get
+
+    return None if not get(method).ranked or rank == 0 else rank
 
 
 def fidelity_tables(report) -> list[dict]:

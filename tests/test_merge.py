@@ -162,7 +162,7 @@ def test_karcher_merge_independent_of_order_and_factor_basis():
 def test_batched_karcher_merge_equals_module_by_module(monkeypatch):
     """The CUDA default (modules of one coordinate shape stacked, flushed every
     KARCHER_BATCH) gives the module-by-module result, in module order."""
-    import core.merge as cm
+    import core.merge.run as cm
     a = lora(1, rank=4)
     srcs = [a, related(a, 0.2, 2), related(a, 0.3, 3)]
     monkeypatch.setattr(cm, "KARCHER_BATCH", 2)
@@ -290,7 +290,7 @@ def test_dare_combine_keeps_the_expected_fraction():
 
 
 def test_dense_methods_chunk_wide_and_tall_modules_alike(monkeypatch):
-    import core.merge as cm
+    import core.merge.ties_dare as cm
     srcs = [lora(1, rank=3, names=[NAMES[0], NAMES[4]]), lora(2, rank=3, names=[NAMES[0], NAMES[4]])]
     results = {}
     for chunk in (5000, 1 << 22):                         # many chunks / one chunk per module

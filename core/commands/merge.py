@@ -13,13 +13,12 @@ HELP = ("Merge LoRAs of one base model into one kohya LoRA: Karcher mean of thei
 
 def add_arguments(parser) -> None:
     from ..karcher import DISTANCES
-    from ..merge import METHODS, NAMINGS
+    from ..merge import METHODS, NAMINGS, TABLE
 
     parser.add_argument("sources", nargs="+", metavar="LORA", help="two or more LoRA files (any format)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
     parser.add_argument("--method", choices=METHODS, default="karcher",
-                        help="karcher (default): Grassmann Karcher mean; linear/concat: exact weighted "
-                             "sum (rank adds up); svd: best rank-r approximation of the sum; ties, dare")
+                        help="; ".join(f"{m.name}: {m.description}" for m in TABLE.values()) + " (default karcher)")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one weight per LoRA (1 = full strength; default 1/N each)")
     parser.add_argument("--rank", type=int, default=None,

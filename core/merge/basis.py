@@ -1,0 +1,193 @@
+"""One module's merge job: its live sources' exact SVDs, in coordinates of
+orthonormal frames of the stacked factors when the method works there.
+
+With frames (framed methods, several sources), every source SVD, the target
+Σ w_k ΔW_k and the merge live in coordinates of orthonormal frames of
+span[up_1 … up_K] and span[down_1ᵀ … down_Kᵀ] (core.factored.frame: one Gram
+product per side; n ≤ Σr each), so all work after the two Grams is on n×n
+matrices whatever d; Job.lift maps the merged factors back.
+
+Jobs are built just before their module is merged, so a whole-LoRA merge
+holds one module's working state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..factored import FactoredSVD, Frame, frame, module_svd, modules_svd, svd_from_factors
+from ..lora import LoraFile, LoraModule
+
+
+@dataclass
+class Source:
+    index: int
+    weight: float
+    module: LoraModule
+    svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device;
+                              # in the job's frame coordinates when the job has frames
+
+    @property
+    def rank(self) -> int:
+        return int(self.svd.S.numel())
+
+
+@dataclass
+class Merged:
+    """A method's answer for one module, on the compute device, float64 (in frame
+    coordinates for jobs with frames): ΔW_merge = scale·up·down. stats: the
+    method's own per-module figures for the report (karcher: per side);
+    known: the merge's SVD when the method built it; error: ‖ΔW_merge − target‖_F
+    when the method knows it exactly (both spare the report a factorisation)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float = 1.0
+    stats: dict | None = None
+    known: FactoredSVD | None = None
+    error: float | None = None
+
+
+@dataclass
+class Job:
+    """One module to merge (see the module docstring)."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: list[Source]      # live sources with nonzero weight
+    rank: int = 0
+    capped: bool = False
+    frames: tuple[Frame, Frame] | None = None
+    members: list[LoraModule] = field(default_factory=list)   # the modules the frames were built from
+    workspace: "Workspace | None" = None
+    _target: FactoredSVD | None = None
+    _core: torch.Tensor | None = None
+
+    @property
+    def target(self) -> FactoredSVD:
+        """Exact thin SVD of Σ w_k ΔW_k: of the n×n core in frame coordinates,
+        else from one QR pair of the stacked factors."""
+        if self._target is None:
+            if self.frames is None:
+                self._target = svd_from_factors(*target_factors(self))
+            else:
+                u, s, vh = torch.linalg.svd(self.target_core, full_matrices=False)
+                self._target = FactoredSVD(u, s, vh.transpose(-1, -2))
+        return self._target
+
+    @property
+    def target_core(self) -> torch.Tensor:
+        """Σ w_k ΔW_k in frame coordinates (n_out×n_in), formed once."""
+        if self._core is None:
+            up, down = target_factors(self)
+            self._core = up @ down
+        return self._core
+
+    @property
+    def target_norm(self) -> float:
+        """‖Σ w_k ΔW_k‖_F: of the small core in frames (no SVD needed), else from the target's SVD."""
+        if self.frames is None:
+            return self.target.frobenius()
+        return float(torch.linalg.matrix_norm(self.target_core))
+
+    def lift(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged factors from frame coordinates to the module's space."""
+        if self.frames is None:
+            return up, down
+        out, inn = self.frames
+        xs = stacked(self.members, up.device, self.workspace)
+        return out.lift(up, xs[0]), inn.lift(down.transpose(-1, -2), xs[1]).transpose(-1, -2)
+
+    def module(self, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
+               rank: int | None = None) -> LoraModule:
+        """The merged LoraModule (factors lifted to the module's space by the caller), on the CPU."""
+        r = int(down.shape[0])
+        return LoraModule(self.name, up.to("cpu", dtype).contiguous(), down.to("cpu", dtype).contiguous(),
+                          scale, rank or r, scale * r, self.shape, "lora", dtype=dtype)
+
+    @property
+    def d_out(self) -> int:
+        return self.sources[0].module.d_out
+
+    @property
+    def d_in(self) -> int:
+        return self.sources[0].module.d_in
+
+
+class Workspace:
+    """Reusable float64 buffers for the stacked factors, one per shape: the
+    d×Σr stacks are the largest temporaries of a merge, and fresh allocations of
+    them fault in new pages module after module (measured: the conversions took
+    ten times longer than the copies into a kept buffer once memory was
+    fragmented)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, int], dev: torch.device, slot: str) -> torch.Tensor:
+        key = (slot, shape, str(dev))
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=torch.float64, device=dev)
+        return self.buffers[key]
+
+
+def stacked(modules: list[LoraModule], dev: torch.device, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """[up_1 … up_K] (d_out×Σr) and [down_1ᵀ … down_Kᵀ] (d_in×Σr), float64, unscaled,
+    in the workspace's buffers (valid until the next call for the same shape)."""
+    total = sum(m.factor_rank for m in modules)
+    ups = work.get((modules[0].d_out, total), dev, "up")
+    downs = work.get((total, modules[0].d_in), dev, "down")   # stacked along rows, used transposed
+    start = 0
+    for m in modules:
+        ups[:, start:start + m.factor_rank].copy_(m.up)
+        downs[start:start + m.factor_rank].copy_(m.down)
+        start += m.factor_rank
+    return ups, downs.T
+
+
+def framed_svds(modules: list[LoraModule], dev: torch.device, work: Workspace
+                ) -> tuple[tuple[Frame, Frame], list[FactoredSVD]]:
+    """Frames of the stacked factors and each module's exact SVD in their coordinates."""
+    xs = stacked(modules, dev, work)
+    frames = (frame(xs[0]), frame(xs[1]))
+    svds, start = [], 0
+    for m in modules:
+        cols = slice(start, start + m.factor_rank)
+        svds.append(svd_from_factors(frames[0].coords[:, cols], frames[1].coords[:, cols].T, m.scale))
+        start = cols.stop
+    return frames, svds
+
+
+def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev: torch.device,
+            framed: bool, work: Workspace) -> Job | None:
+    """The job for one module: its live sources' SVDs (in frames for several sources of a
+    framed method), or None when every source is dead there."""
+    modules = [loras[k].modules[name] for k in ks]
+    frames = None
+    if framed and len(ks) > 1:
+        frames, found = framed_svds(modules, dev, work)
+    else:
+        found = modules_svd(modules, device=dev)
+    live = [Source(k, w[k], m, res.top(res.effective_rank))
+            for k, m, res in zip(ks, modules, found) if not res.dead]
+    if not live:
+        return None
+    if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
+        only = live[0]
+        res = module_svd(only.module, device=dev)
+        live, frames = [Source(only.index, only.weight, only.module, res.top(res.effective_rank))], None
+    return Job(name, live[0].module.weight_shape, live, frames=frames,
+               members=modules if frames is not None else [], workspace=work if frames is not None else None)
+
+
+def split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """up = U·√S, down = √S·Vᵀ: both factors carry half the magnitude (fp16-friendly)."""
+    r = s.clamp_min(0).sqrt().unsqueeze(-2)
+    return u * r, (v * r).transpose(-1, -2)
+
+
+def target_factors(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w_k ΔW_k as stacked factors [w_k·U_k·S_k], [V_kᵀ] (exact, effective ranks)."""
+    return (torch.cat([s.weight * s.svd.U * s.svd.S for s in job.sources], 1),
+            torch.cat([s.svd.V.T for s in job.sources], 0))

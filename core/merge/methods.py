@@ -1,0 +1,141 @@
+"""The method table: every merge rule by name, with what the CLI, the ComfyUI
+node and the WebUI tab show and check — a one/two-line description, the
+source paper, and the parameters with defaults and ranges.
+
+Adding a method is one register(...) call at the bottom of this file: the
+function takes (Job, Options) and returns a Merged (core.merge.basis); the
+run loop, the parameter checks, the recipe and every front end read the rest
+from the record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import LoraError
+from ..karcher import DISTANCES
+from .basis import Job, Merged
+from .exact import linear, svd
+from .means import karcher, karcher_batch
+from .plan import Options
+from .ties_dare import dare_full, ties_full
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: its merge() keyword (CLI flag --name-with-dashes, node
+    input of the same name), default, and either a numeric range or choices.
+    Bounds are closed unless low_open/high_open."""
+
+    name: str
+    default: object
+    help: str
+    label: str = ""                 # how errors name it ("ties density"); default: the name
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    def check(self, value):
+        label = self.label or self.name
+        if self.choices is not None:
+            if value not in self.choices:
+                raise LoraError(f"{label} '{value}' is not offered (choose from {', '.join(map(str, self.choices))})")
+            return value
+        if value is None:
+            return value
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            raise LoraError(f"{label} must be in {self.range_text()}, got {value}")
+        return value
+
+    def range_text(self) -> str:
+        lo = "-∞" if self.low is None else f"{self.low:g}"
+        hi = "∞" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge rule. ranked: takes a merge rank p (else exact at Σ r_k);
+    framed: runs in frames of the stacked factors (basis.Job); rank_limit(d_out,
+    d_in, source ranks): the largest rank a module allows, rank_reason says why;
+    negative_weights: the refusal text when negative weights make no sense (else
+    empty); batch: the same rule on several jobs of one coordinate shape at once."""
+
+    name: str
+    merge: Callable[[Job, Options], Merged]
+    description: str
+    paper: str = ""
+    params: tuple[Param, ...] = ()
+    ranked: bool = True
+    framed: bool = False
+    rank_limit: Callable[[int, int, list[int]], int] = lambda d_out, d_in, ranks: min(d_out, d_in)
+    rank_reason: str = "the weighted sum has no more directions"
+    negative_weights: str = ""
+    batch: Callable[[list[Job], Options], list[Merged]] | None = None
+
+    def options(self, given: dict) -> dict:
+        """The method's parameters from the caller's values (defaults filled), checked."""
+        return {p.name: p.check(given.get(p.name, p.default)) for p in self.params}
+
+
+TABLE: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in TABLE:
+        raise ValueError(f"merge method '{method.name}' registered twice")
+    TABLE[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    if name not in TABLE:
+        raise LoraError(f"unknown merge method '{name}' (choose from {', '.join(TABLE)})")
+    return TABLE[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(TABLE)
+
+
+def describe() -> str:
+    """Every method on one line each: name, description, paper (CLI help, node tooltip)."""
+    return "\n".join(f"{m.name}: {m.description}" + (f" [{m.paper}]" if m.paper else "") for m in TABLE.values())
+
+
+# ------------------------------------------------------------------ parameters shared by several rules
+SEED = Param("seed", 0, "random seed (dare: the drops; others: start of iterative steps)", low=0)
+TIES_DENSITY = Param("ties_density", 0.2, "ties: fraction of each source's entries kept (largest magnitudes)",
+                     label="ties density", low=0.0, high=1.0, low_open=True)
+DARE_DROP = Param("dare_drop", 0.5, "dare: probability of dropping each entry (the rest rescaled by 1/(1−p))",
+                  label="dare drop probability", low=0.0, high=1.0, high_open=True)
+
+# ------------------------------------------------------------------ the table
+register(Method(
+    "karcher", karcher,
+    "weighted Karcher mean of the sources' column and row spaces on the Grassmann manifold, then the "
+    "weighted sum projected onto them; for close versions of one LoRA",
+    "Edelman–Arias–Smith 1998; Absil–Mahony–Sepulchre 2004",
+    (Param("distance", "geodesic", "geodesic (Karcher mean) or chordal (extrinsic mean)", choices=DISTANCES),
+     Param("max_iter", 50, "most gradient evaluations per module side", label="karcher max_iter", low=1),
+     Param("tol", None, "gradient-norm stop (default: core.karcher's)", label="karcher tol", low=0.0,
+           low_open=True)),
+    framed=True, rank_limit=lambda d_out, d_in, ranks: min(ranks),
+    rank_reason="the Karcher mean compares p-dimensional subspaces and every source must span p directions",
+    negative_weights="the Karcher (Fréchet) mean has no meaning for negative weights; use the linear or "
+                     "svd merge to subtract a LoRA",
+    batch=karcher_batch))
+register(Method("linear", linear, "exact weighted sum Σ w_k ΔW_k by concatenated factors (rank adds up)",
+                ranked=False))
+register(Method("concat", linear, "the linear merge under its other name: factors side by side, exact",
+                ranked=False))
+register(Method("svd", svd, "best rank-p approximation of the exact weighted sum (truncated SVD from factors)",
+                framed=True, rank_limit=lambda d_out, d_in, ranks: min(sum(ranks), d_out, d_in)))
+register(Method("ties", ties_full, "TIES on the dense ΔW: trim to the densest entries, elect signs, disjoint "
+                "mean; then rank p", "Yadav et al. 2023, arXiv 2306.01708", (TIES_DENSITY, SEED)))
+register(Method("dare", dare_full, "DARE on the dense ΔW: drop entries at random and rescale by 1/(1−p); "
+                "then rank p", "Yu et al. 2024, arXiv 2311.03099", (DARE_DROP, SEED)))

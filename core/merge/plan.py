@@ -1,0 +1,106 @@
+"""The merge plan: which modules are merged among which sources, with which
+weights, at which rank, and the options the chosen method reads.
+
+Weights: one per source, finite, not all zero; default 1/K each (the mean).
+Weight 0 leaves a source out. A method may refuse negative weights (karcher:
+a Fréchet mean has no negative masses).
+
+Merge rank p (ranked methods only): default per module the smallest rank
+among the sources merged there (nominal rank, or the effective rank when
+that is smaller). Asking for more than min(d_out, d_in) of any merged module
+is an error; each method states the largest rank a module allows
+(Method.rank_limit): a request above every module's limit is refused before
+any work (from factor ranks), a module that allows less is capped and counted
+in the report.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LoraError
+from ..lora import LoraFile
+
+
+@dataclass
+class Options:
+    """What the run loop hands every method besides the module: the requested
+    rank, the compute device, the dense dtype of the full-space rules, and the
+    method's parameters by name (Method.params, checked)."""
+
+    rank: int | None
+    device: torch.device
+    dense_dtype: torch.dtype
+    params: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str):
+        return self.params[name]
+
+
+def check_weights(loras: list[LoraFile], weights, method) -> list[float]:
+    if weights is None:
+        return [1.0 / len(loras)] * len(loras)
+    w = [float(x) for x in weights]
+    if len(w) != len(loras):
+        raise LoraError(f"{len(w)} weight(s) given for {len(loras)} LoRAs")
+    if not all(math.isfinite(x) for x in w):
+        raise LoraError(f"weights must be finite numbers, got {w}")
+    if all(x == 0 for x in w):
+        raise LoraError("all weights are zero: nothing to merge")
+    if method.negative_weights:
+        for lora, x in zip(loras, w):
+            if x < 0:
+                raise LoraError(f"weight {x:g} is negative: {method.negative_weights}", lora.path)
+    return w
+
+
+def module_specs(loras: list[LoraFile], w: list[float]) -> dict[str, list[int]]:
+    """Every module name (in first-seen order) -> the sources with a nonzero weight that have it."""
+    names: dict[str, None] = {}
+    for lora in loras:
+        names.update(dict.fromkeys(lora.modules))
+    specs = {name: [k for k, lora in enumerate(loras) if name in lora.modules and w[k] != 0] for name in names}
+    return {name: ks for name, ks in specs.items() if ks}
+
+
+def check_rank_request(specs: dict[str, list[int]], loras: list[LoraFile], method, rank: int | None) -> None:
+    """Refuse, before any work, a rank no module could take (from shapes and factor ranks;
+    a module whose sources turn out to span fewer directions is capped and reported)."""
+    if not method.ranked:
+        if rank is not None:
+            raise LoraError(f"the {method.name} merge is exact at rank Σ r_k; use svd (or karcher) for a "
+                            f"rank-{rank} result")
+        return
+    if rank is None:
+        return
+    if rank < 1:
+        raise LoraError(f"merge rank must be at least 1, got {rank}")
+    allowed = []
+    for name, ks in specs.items():
+        if len(ks) < 2:
+            continue
+        mods = [loras[k].modules[name] for k in ks]
+        d_out, d_in = mods[0].d_out, mods[0].d_in
+        if rank > min(d_out, d_in):
+            raise LoraError(f"rank {rank} is more than any {d_out}×{d_in} layer can hold "
+                            f"(at most {min(d_out, d_in)})", key=name)
+        allowed.append(method.rank_limit(d_out, d_in, [m.factor_rank for m in mods]))
+    if allowed and rank > max(allowed):
+        raise LoraError(f"rank {rank} is more than the sources allow for a {method.name} merge (at most "
+                        f"{max(allowed)} in any module): {method.rank_reason}")
+
+
+def set_rank(job, method, rank: int | None) -> None:
+    """The job's merge rank: Σ r_k for exact methods, the source's own for a copy,
+    else the request (capped to what the module allows) or the smallest source rank."""
+    if not method.ranked:
+        job.rank = sum(s.module.factor_rank for s in job.sources)
+    elif len(job.sources) == 1:                 # copied with its own factors
+        job.rank = job.sources[0].module.factor_rank
+    elif rank is None:                          # the smallest source rank (nominal, or effective if less)
+        job.rank = min(min(s.module.rank, s.rank) for s in job.sources)
+    else:
+        job.rank = min(rank, method.rank_limit(job.d_out, job.d_in, [s.rank for s in job.sources]))
+        job.capped = job.rank < rank

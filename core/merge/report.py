@@ -1,0 +1,164 @@
+"""The fidelity report: per module and per block group, how well the merge
+keeps each source and how far it is from the exact weighted sum."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..karcher import DETERMINISTIC_CHOICE
+
+
+@dataclass
+class ModuleReport:
+    """Fidelity of one merged module. Source indices refer to the loras list."""
+
+    name: str
+    group: str
+    status: str                    # merged (all weighted sources) | partial (some) | copied (one)
+    sources: list[int]
+    rank: int
+    target_norm: float             # ‖Σ w_k ΔW_k‖_F
+    error_norm: float              # ‖ΔW_merge − Σ w_k ΔW_k‖_F
+    rel_error: float | None        # None only when the target is exactly zero
+    energy: dict[int, float]       # ‖ΔW_k‖²_F
+    kept: dict[int, float]         # ‖P_U ΔW_k P_V‖²_F / ‖ΔW_k‖²_F (merge's column/row spaces)
+    phi: dict[int, float]          # φ between the merge's and the source's column spaces
+    karcher: dict | None = None    # per side "U"/"V": iterations, grad_norm, angles, flags
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        for key in ("energy", "kept", "phi"):
+            d[key] = {str(k): v for k, v in d[key].items()}
+        return d
+
+
+@dataclass
+class MergeReport:
+    method: str
+    weights: list[float]
+    rank: int | None
+    family: str
+    sources: list[str]
+    distance: str | None = None
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)   # reason -> module names
+    capped: list[str] = field(default_factory=list)                # rank lowered there
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Whole-LoRA figures: Frobenius norms pooled over modules."""
+        mods = self.modules
+        target = math.sqrt(sum(m.target_norm ** 2 for m in mods))
+        error = math.sqrt(sum(m.error_norm ** 2 for m in mods))
+        worst = max((m for m in mods if m.rel_error is not None), key=lambda m: m.rel_error, default=None)
+        out: dict = {
+            "modules": len(mods),
+            "status": {s: sum(m.status == s for m in mods) for s in ("merged", "partial", "copied")},
+            "skipped": {k: len(v) for k, v in self.skipped.items()},
+            "rank_capped": len(self.capped),
+            "rel_error": error / target if target > 0 else (0.0 if error == 0 else None),
+            "rel_error_max": worst.rel_error if worst else None,
+            "rel_error_max_module": worst.name if worst else None,
+            "kept": {}, "phi": {},
+        }
+        for k, name in enumerate(self.sources):
+            energy = sum(m.energy[k] for m in mods if k in m.energy)
+            if energy > 0:
+                out["kept"][name] = sum(m.kept[k] * m.energy[k] for m in mods if k in m.energy) / energy
+                phis = [m.phi[k] for m in mods if k in m.phi]
+                out["phi"][name] = sum(phis) / len(phis)
+        sides = [side for m in mods if m.karcher for side in m.karcher.values()]
+        if sides:
+            iters = [s["iterations"] for s in sides]
+            out["karcher"] = {
+                "distance": self.distance,
+                "iterations_mean": sum(iters) / len(iters), "iterations_max": max(iters),
+                "grad_norm_max": max(s["grad_norm"] for s in sides),
+                "not_converged": sum(1 for m in mods if m.karcher and
+                                     not all(s["converged"] for s in m.karcher.values())),
+                "not_unique": sum(1 for m in mods if m.karcher and
+                                  not all(s["unique"] for s in m.karcher.values())),
+                "max_angle_deg": max(s["max_angle_deg"] for s in sides),
+            }
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "weights": self.weights, "rank": self.rank,
+                "family": self.family, "sources": self.sources, "distance": self.distance,
+                "summary": self.summary(), "warnings": self.warnings, "skipped": self.skipped,
+                "rank_capped": self.capped, "modules": [m.to_dict() for m in self.modules]}
+
+    def table(self) -> str:
+        """Fidelity per block group (the JSON report has every module)."""
+        labels = [chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(len(self.sources))]
+        groups: dict[str, list[ModuleReport]] = {}
+        for m in self.modules:
+            groups.setdefault(m.group, []).append(m)
+        head = ["group", "mods", "rank", "rel.err"] + [f"kept {x}" for x in labels] + \
+               [f"φ {x}" for x in labels]
+        karcher = any(m.karcher for m in self.modules)
+        if karcher:
+            head += ["iters", "non-uniq"]
+        rows = [head]
+
+        def row(label: str, mods: list[ModuleReport]) -> list[str]:
+            target = math.sqrt(sum(m.target_norm ** 2 for m in mods))
+            error = math.sqrt(sum(m.error_norm ** 2 for m in mods))
+            ranks = sorted({m.rank for m in mods})
+            cells = [label, str(len(mods)), str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}",
+                     f"{error / target:.2e}" if target > 0 else "-"]
+            for k in range(len(labels)):
+                e = sum(m.energy.get(k, 0.0) for m in mods)
+                cells.append(f"{sum(m.kept[k] * m.energy[k] for m in mods if k in m.kept) / e:.3f}"
+                             if e > 0 else "-")
+            for k in range(len(labels)):
+                ph = [m.phi[k] for m in mods if k in m.phi]
+                cells.append(f"{sum(ph) / len(ph):.3f}" if ph else "-")
+            if karcher:
+                its = [s["iterations"] for m in mods if m.karcher for s in m.karcher.values()]
+                cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")
+                cells.append(str(sum(1 for m in mods if m.karcher and
+                                     not all(s["unique"] for s in m.karcher.values()))))
+            return cells
+
+        for label, mods in groups.items():
+            rows.append(row(label, mods))
+        if not self.modules:
+            return f"{self.method} merge: no module left to write ({self.skipped})"
+        rows.append(row("all", self.modules))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"{self.method} merge of {len(self.sources)} LoRAs ({self.family}), weights "
+                 f"{', '.join(f'{w:g}' for w in self.weights)}"]
+        lines += [f"  {x} = {name}" for x, name in zip(labels, self.sources)]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        s = self.summary()
+        lines.append(f"relative error (whole LoRA) {s['rel_error']:.3e}" if s["rel_error"] is not None
+                     else "relative error: target is zero")
+        for reason, names in self.skipped.items():
+            lines.append(f"skipped ({reason}): {len(names)} module(s)")
+        if self.capped:
+            lines.append(f"rank lowered to what the sources allow in {len(self.capped)} module(s)")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def add_warnings(report: MergeReport) -> None:
+    """Warnings drawn from the modules' figures (Karcher statistics, cancelled modules)."""
+    bad = [m for m in report.modules if m.karcher and not all(s["unique"] for s in m.karcher.values())]
+    if bad:
+        worst = max(max(s["max_angle_deg"] for s in m.karcher.values()) for m in bad)
+        report.warnings.append(
+            f"Karcher mean not unique in {len(bad)} of {len(report.modules)} module(s): sources lie up "
+            f"to {worst:.0f}° (principal angle) from the mean, beyond the π/4 = 45° ball where it is "
+            f"unique (Afsari 2011); deterministic choice: {DETERMINISTIC_CHOICE}")
+    slow = [m for m in report.modules if m.karcher and not all(s["converged"] for s in m.karcher.values())]
+    if slow:
+        grad = max(s["grad_norm"] for m in slow for s in m.karcher.values())
+        report.warnings.append(f"Karcher iteration stopped before the gradient tolerance in {len(slow)} "
+                               f"module(s) (largest gradient norm {grad:.1e} rad)")
+    if "cancelled" in report.skipped:
+        report.warnings.append(f"{len(report.skipped['cancelled'])} module(s) cancel to zero and were left out")

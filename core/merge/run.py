@@ -1,0 +1,144 @@
+"""The run loop: check the request, then prepare, merge and measure one module
+at a time (streaming: a whole-LoRA merge holds one module's working state),
+reporting progress after each; assemble the merged LoRA and its report.
+
+Modules: a module some sources lack (or have dead, ΔW = 0) is merged among the
+sources that have it; a module only one source has is copied with its own
+factors at scale w_k·s_k; a module dead in every source is skipped (not
+written); a merged result that cancels to zero is skipped too. Both are listed
+in the report, never written as NaN.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import torch
+
+from ..device import default_device, linalg_threads
+from ..errors import LoraError
+from ..formats import require_same_base
+from ..lora import LoraFile, LoraModule, module_part
+from ..sdarch import TABLE_FAMILIES, arch_for
+from . import methods
+from .basis import Merged, Workspace, prepare
+from .fidelity import fidelity
+from .plan import Options, check_rank_request, check_weights, module_specs, set_rank
+from .report import MergeReport, ModuleReport, add_warnings
+from .result import KOHYA_LIKE, NAMINGS, RECIPE_KEY, MergeResult, first_naming, recipe
+
+KARCHER_BATCH = 64      # modules of one coordinate shape stacked per batched call (karcher)
+
+
+def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: int | None = None,
+          dtype: torch.dtype = torch.float32, seed: int = 0, ties_density: float = 0.2,
+          dare_drop: float = 0.5, naming: str = "first", distance: str = "geodesic",
+          device: torch.device | str | None = None, batched: bool | None = None,
+          threads: int | None = 1, tol: float | None = None, max_iter: int = 50,
+          progress: Callable[[int, int], None] | None = None) -> MergeResult:
+    """Merge LoRAs of one base model into one LoRA (methods: core.merge.methods).
+
+    dtype: factor dtype of the result (computation is float64, except the dense
+    ties/dare step, float32 unless dtype is float64). ties_density:
+    fraction of each task vector TIES keeps (paper default 0.2). dare_drop: DARE
+    drop probability q (0.5: the papers' 0.9 was for full fine-tune deltas).
+    naming: "first" writes keys spelled as in the first source when it is a
+    kohya/LyCORIS file, else kohya names (ComfyUI maps both); "kohya" always
+    kohya. distance: "geodesic" (Karcher mean) or "chordal" (extrinsic mean).
+    device: default core.device.default_device(). batched: stack modules of
+    equal shape for methods that offer it (default: on CUDA only; a plain loop
+    measured faster on the CPU). threads: CPU intra-op threads during the merge
+    (restored after; None leaves torch's setting). tol, max_iter: Karcher stop.
+    progress(done, total) is called after each module is merged and measured
+    (total = modules to merge); raising inside it stops the merge (how ComfyUI
+    cancels): the exception propagates and nothing is returned.
+    """
+    m = methods.get(method)
+    if naming not in NAMINGS:
+        raise LoraError(f"unknown naming '{naming}' (choose from {', '.join(NAMINGS)})")
+    if not loras:
+        raise LoraError("no LoRAs to merge")
+    params = m.options({"seed": seed, "ties_density": ties_density, "dare_drop": dare_drop,
+                        "distance": distance, "tol": tol, "max_iter": max_iter})
+    w = check_weights(loras, weights, m)
+    family = require_same_base(loras)
+    dev = torch.device(device) if device is not None else default_device()
+    if batched is None:
+        batched = dev.type == "cuda"
+    specs = module_specs(loras, w)
+    check_rank_request(specs, loras, m, rank)
+    opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params)
+    with linalg_threads(threads if dev.type == "cpu" else None):
+        report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
+        groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
+        done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
+        dead: set[str] = set()
+        for job, res in _run(specs, loras, w, m, opts, batched):
+            if res is None:
+                dead.add(job)
+            else:
+                status = ("copied" if len(job.sources) == 1 else
+                          "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
+                mod = fidelity(job, res, groups.get(job.name, module_part(job.name)), status)
+                done[job.name] = None if mod is None else (
+                    mod, job.module(*job.lift(res.up, res.down), dtype, res.scale,
+                                    job.sources[0].module.rank if status == "copied" else None), job.capped)
+            if progress is not None:
+                progress(len(done) + len(dead), len(specs))
+    if not done:
+        raise LoraError("nothing to merge: every module is dead (ΔW = 0) or has weight 0 in every source")
+    if dead:
+        report.skipped["dead"] = [name for name in specs if name in dead]
+    out = LoraFile(path=f"merged-{method}.safetensors", format="kohya", family=family)
+    cancelled = []
+    for name in specs:                                # report and file in module order
+        if name in dead:
+            continue
+        if done[name] is None:
+            cancelled.append(name)
+            continue
+        mod, module, capped = done[name]
+        report.modules.append(mod)
+        out.modules[name] = module
+        if capped:
+            report.capped.append(name)
+    if cancelled:
+        report.skipped["cancelled"] = cancelled
+    add_warnings(report)
+    key_names = first_naming(loras[0], out) if naming == "first" else {}
+    if naming == "first" and loras[0].format not in KOHYA_LIKE:
+        report.warnings.append(f"{loras[0].name} is a {loras[0].format} file; keys are written with "
+                               "kohya names, which ComfyUI maps the same way")
+    out.metadata[RECIPE_KEY] = json.dumps(recipe(loras, report, params))
+    return MergeResult(out, report, key_names)
+
+
+def _run(specs, loras, w, method, opts: Options, batched: bool):
+    """Prepares and merges one module at a time. Yields (job, Merged), or (name,
+    None) for a module dead in every source. Batched jobs come when their batch
+    is done."""
+    work = Workspace()
+    pending: dict[tuple, list] = {}
+
+    def flush(group):
+        yield from zip(group, method.batch(group, opts))
+
+    for name, ks in specs.items():
+        job = prepare(name, ks, loras, w, opts.device, method.framed, work)
+        if job is None:
+            yield name, None
+            continue
+        set_rank(job, method, opts.rank)
+        if len(job.sources) == 1:                      # only one source: its own factors, weighted
+            s = job.sources[0]
+            yield job, Merged(s.module.up.to(opts.device, torch.float64),
+                              s.module.down.to(opts.device, torch.float64), s.weight * s.module.scale)
+        elif not batched or method.batch is None:
+            yield job, method.merge(job, opts)
+        else:
+            key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
+            pending.setdefault(key, []).append(job)
+            if len(pending[key]) >= KARCHER_BATCH:
+                yield from flush(pending.pop(key))
+    for group in pending.values():
+        yield from flush(group)
