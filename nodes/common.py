@@ -73,7 +73,7 @@ def parse_weights(text: str, n: int) -> list[float] | None:
 def as_written(lora, dtype):
     """The LoRA as Save LoRA / `python -m core convert` write it: with no dtype
     asked, LoHa/LoKr factors (products of stored numbers) are kept in fp32."""
-    from ..core.commands.convert import kohya_ready
+    from ..core.conversion import kohya_ready
     return kohya_ready(lora, dtype)
 
 

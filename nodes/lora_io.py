@@ -175,7 +175,7 @@ def save_lora(lora, folder: str, filename: str, dtype=None, overwrite: bool = Fa
 def _recipe_metadata(lora) -> dict:
     """A merge keeps its recipe; any other LoRA (a conversion) keeps what
     `python -m core convert` keeps: the training metadata and where it came from."""
-    from ..core.commands.convert import carried_metadata
+    from ..core.conversion import carried_metadata
     from ..core.merge import RECIPE_KEY
 
     if RECIPE_KEY in (lora.metadata or {}):

@@ -1,25 +1,15 @@
 """`python -m core convert IN OUT`: any readable LoRA → kohya-named safetensors."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
-import torch
-
+from ..conversion import carried_metadata, kohya_ready
 from ..errors import LoraError
-from ..lora import LoraFile
 from ..save import DTYPES, save_kohya
 from ..sdarch import TABLE_FAMILIES
 
 HELP = ("Write any readable LoRA (kohya, diffusers, PEFT, ComfyUI, cloneofsimo, LyCORIS LoHa/LoKr) "
         "as a kohya-named .safetensors that ComfyUI's LoraLoader applies as is.")
-
-# Source metadata that describes the training run and stays true after conversion;
-# the structural fields (network module/dim/alpha/args, base version) and the
-# hashes of the old tensors are written afresh by save_kohya or dropped.
-_REWRITTEN = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
-              "ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.sai_model_spec",
-              "modelspec.implementation", "modelspec.title", "modelspec.hash_sha256"}
 
 
 def add_arguments(parser) -> None:
@@ -28,24 +18,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="factor dtype (default: as stored; LoHa/LoKr products as fp32)")
-
-
-def carried_metadata(lora: LoraFile) -> dict[str, str]:
-    keep = {k: v for k, v in lora.metadata.items()
-            if k.startswith(("ss_", "modelspec.")) and k not in _REWRITTEN}
-    keep["grassmann_lora.source_format"] = lora.format
-    keep["grassmann_lora.source_file"] = lora.name
-    return keep
-
-
-def kohya_ready(lora: LoraFile, dtype: torch.dtype | None) -> LoraFile:
-    """LoHa/LoKr factors are products of the stored numbers: keep them in fp32
-    unless a dtype was asked for, so the written ΔW is the one read."""
-    if dtype is not None:
-        return lora
-    modules = {n: (m if m.kind == "lora" else dataclasses.replace(m, dtype=torch.float32))
-               for n, m in lora.modules.items()}
-    return dataclasses.replace(lora, modules=modules)
 
 
 def run(args) -> int:
