@@ -199,14 +199,18 @@ class KernelMatrix:
         order = list(result.order) if result is not None else list(range(len(self.names)))
         labels = [self.names[i] + (f" [{_cluster_name(result.labels[i])}]" if result else "")
                   for i in order]
-        values = self.matrix[np.ix_(order, order)]
+        values = self.matrix.copy()
+        for i, j in unshared_pairs(self.shared):     # nothing measured: grey, not a colour
+            values[i, j] = values[j, i] = np.nan
+        values = values[np.ix_(order, order)]
         normalised = self.kernel.normalisable
         title = f"{self.kernel.describe(formula=False)}, {self.side} side"
         if result is not None:
             title += f"; {result.describe()}"
         return heatmap(values, labels, labels, title=title, vmin=0.0 if normalised else None,
                        vmax=1.0 if normalised else 0.0,
-                       colorbar_label="normalised kernel" if normalised else "kernel (<= 0)")
+                       colorbar_label="normalised kernel" if normalised else "kernel (<= 0)",
+                       nan_label="no shared module")
 
     def clusters_text(self, result: "Clustering") -> str:
         """One line per cluster (noise last)."""
@@ -235,12 +239,15 @@ class KernelMatrix:
             lines.append(f"{i:>3}  {lab:>7}  {self.live[i]:>4}  {self.dead[i]:>4}  {self.names[i]}")
         lines.append("")
         if n <= full_up_to:
+            apart = set(unshared_pairs(self.shared))
             lines.append("     " + " ".join(f"{i:>6}" for i in order))
             for i in order:
-                lines.append(f"{i:>4} " + " ".join(_cell(self.matrix[i, j]) for j in order))
+                lines.append(f"{i:>4} " + " ".join(f"{'none':>6}" if (min(i, j), max(i, j)) in apart
+                                                   else _cell(self.matrix[i, j]) for j in order))
             lines.append("shared modules: min "
                          f"{int(self.shared[~np.eye(n, dtype=bool)].min()) if n > 1 else len(self.modules)}"
-                         f", max {int(self.shared.max())}")
+                         f", max {int(self.shared.max())}"
+                         + ("; none: the pair shares no module, nothing was compared" if apart else ""))
         else:
             lines.append("nearest neighbours (kernel value, shared modules):")
             for i in order:
@@ -252,6 +259,15 @@ class KernelMatrix:
             lines += ["", self.clusters_text(result)]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+PAIRS_LISTED = 12     # pairs named in the "share no module" warning
+
+
+def unshared_pairs(shared: np.ndarray) -> list[tuple[int, int]]:
+    """(i, j), i < j, of the LoRAs that share no live module (nothing compared)."""
+    n = len(shared)
+    return [(i, j) for i in range(n) for j in range(i + 1, n) if shared[i, j] == 0]
 
 
 def _json_number(x):
@@ -412,6 +428,13 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
     lonely = [names[i] for i in range(n) if n > 1 and shared[i].sum() == shared[i, i]]
     if lonely:
         warnings.append(f"shares no module with any other LoRA: {', '.join(lonely)}")
+    apart = unshared_pairs(shared)
+    if apart:
+        listed = ", ".join(f"{names[i]} / {names[j]}" for i, j in apart[:PAIRS_LISTED])
+        more = f" and {len(apart) - PAIRS_LISTED} more" if len(apart) > PAIRS_LISTED else ""
+        warnings.append(f"{len(apart)} pair(s) share no module, so nothing was measured for them: "
+                        f"their kernel value is a convention (0, or n/a for the logarithm kernels), "
+                        f"not a measured dissimilarity: {listed}{more}")
     return PairStatistics(names, [lora.path for lora in loras], family, side, module_filter, top,
                           modules, terms, live, dead, shared, binet_cauchy, warnings)
 

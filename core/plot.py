@@ -9,6 +9,7 @@ overlap.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -113,15 +114,40 @@ def _rotated_text(text: str, font) -> Image.Image:
     return tile.rotate(90, expand=True)
 
 
+@dataclass(frozen=True)
+class Panel:
+    """A run of consecutive columns drawn with its own colour scale and colour bar
+    (e.g. φ, where high = similar, beside distances, where high = different)."""
+
+    columns: int
+    vmin: float | None = None
+    vmax: float | None = None
+    label: str = ""                                  # colour bar label
+    cmap: str = "viridis"
+    marks: tuple[tuple[float, str], ...] = ()        # (value, text) marked on the colour bar
+
+
+PANEL_GAP = 14          # pixels between panels
+MARK_COLOR = (200, 0, 0)
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
 def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], title: str = "",
             vmin: float | None = None, vmax: float | None = None, colorbar_label: str = "",
-            cmap: str = "viridis", annotate: bool | None = None) -> Image.Image:
+            cmap: str = "viridis", annotate: bool | None = None, panels: list[Panel] | None = None,
+            nan_label: str = "n/a") -> Image.Image:
     """Draw ``values`` (rows × cols) as a labelled heatmap with a colour bar.
 
-    NaN cells are grey and listed as "n/a" beside the colour bar (and written in
-    the cell when it is large enough); ±inf are clipped to the range ends.
-    vmin/vmax default to the finite data range. ``annotate`` writes each value
-    in its cell; by default only when every cell is large enough to hold it.
+    NaN cells are grey and listed as ``nan_label`` beside the colour bar (and
+    written in the cell when it is large enough); ±inf are clipped to the range
+    ends. vmin/vmax default to the finite data range. ``annotate`` writes each
+    value in its cell; by default only when every cell is large enough to hold
+    it. ``panels`` splits the columns into runs with their own scale and colour
+    bar (vmin/vmax/cmap/colorbar_label are then ignored). When labels are
+    thinned to every k-th row or column, a line under the plot says so.
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or v.shape[0] == 0 or v.shape[1] == 0:
@@ -130,15 +156,25 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
     if len(row_labels) != n_rows or len(col_labels) != n_cols:
         raise ValueError(f"{len(row_labels)} row / {len(col_labels)} column labels for a "
                          f"{n_rows}×{n_cols} array")
+    panels = list(panels) if panels else [Panel(n_cols, vmin, vmax, colorbar_label, cmap)]
+    if sum(p.columns for p in panels) != n_cols or any(p.columns < 1 for p in panels):
+        raise ValueError(f"panels cover {sum(p.columns for p in panels)} columns of {n_cols}")
     row_labels = [drawable(x) for x in row_labels]
     col_labels = [drawable(x) for x in col_labels]
-    title, colorbar_label = drawable(title), drawable(colorbar_label)
-    lo, hi = _value_range(v, vmin, vmax)
+    title, nan_label = drawable(title), drawable(nan_label)
     font, small = _font(FONT_SIZE), _font(FONT_SIZE - 2)
     title_font = _font(FONT_SIZE + 3)
     line_h = _text_size(font, "Ag")[1] + 4
     cw, ch = _cell_sizes(n_rows, n_cols)
     pad = 10
+
+    # Panels: first column, value range, and the x offset of each column.
+    starts = np.cumsum([0] + [p.columns for p in panels])
+    ranges = []
+    for k, p in enumerate(panels):
+        ranges.append(_value_range(v[:, starts[k]:starts[k + 1]], p.vmin, p.vmax))
+    panel_of = np.repeat(np.arange(len(panels)), [p.columns for p in panels])
+    col_off = np.arange(n_cols) * cw + panel_of * PANEL_GAP
 
     # Which labels fit without overlapping.
     row_step = _label_step(ch, line_h)
@@ -149,32 +185,47 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
     col_step = _label_step(cw, line_h) if rotate else 1
     cols_shown = [j for j in range(n_cols) if j % col_step == 0]
     col_h = (max((col_widths[j] for j in cols_shown), default=0) + 8) if rotate else line_h
+    notes = []
+    if row_step > 1:
+        notes.append(f"row labels shown for every {_ordinal(row_step)} of {n_rows} rows")
+    if col_step > 1:
+        notes.append(f"column labels shown for every {_ordinal(col_step)} of {n_cols} columns")
 
-    # Colour bar geometry.
-    plot_w, plot_h = n_cols * cw, n_rows * ch
+    # Colour bar geometry: one bar per panel, side by side.
+    plot_w, plot_h = n_cols * cw + (len(panels) - 1) * PANEL_GAP, n_rows * ch
     bar_h = max(120, min(plot_h, 400))
     bar_w = 18
-    ticks = np.linspace(lo, hi, 5)
-    tick_w = max(_text_size(small, _fmt(t))[0] for t in ticks)
-    cbar_label_w = _text_size(font, colorbar_label)[1] + 8 if colorbar_label else 0
-    bar_block_w = bar_w + 6 + tick_w + 8 + cbar_label_w
     has_nan = bool(np.isnan(v).any())
+    bars = []
+    for p, (lo, hi) in zip(panels, ranges):
+        ticks = np.linspace(lo, hi, 5)
+        tick_w = max(_text_size(small, _fmt(t))[0] for t in ticks)
+        mark_w = max((_text_size(small, drawable(t))[0] + 6 for _, t in p.marks), default=0)
+        label = drawable(p.label)
+        label_w = _text_size(font, label)[1] + 8 if label else 0
+        bars.append((ticks, tick_w, mark_w, label, bar_w + 6 + tick_w + 8 + mark_w + label_w))
+    nan_w = bar_w + 6 + _text_size(small, nan_label)[0] if has_nan else 0
+    bars_w = sum(b[-1] for b in bars) + 16 * (len(bars) - 1)
+    bars_w = max(bars_w, nan_w)
 
     title_h = (_text_size(title_font, title)[1] + 12) if title else 0
     x0 = pad + row_w + 8
     y0 = pad + title_h + col_h
-    width = x0 + plot_w + 20 + bar_block_w + pad
-    height = max(y0 + plot_h, y0 + bar_h + (2 * line_h if has_nan else 0)) + pad
+    width = x0 + plot_w + 20 + bars_w + pad
+    body_bottom = max(y0 + plot_h, y0 + bar_h + (2 * line_h if has_nan else 0))
+    height = body_bottom + (len(notes) * line_h + 4 if notes else 0) + pad
     title_w = _text_size(title_font, title)[0] if title else 0
-    width = max(width, title_w + 2 * pad)
+    width = max(width, title_w + 2 * pad, *(_text_size(font, t)[0] + 2 * pad for t in notes))
 
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     if title:
         draw.text((pad, pad), title, fill=TEXT_COLOR, font=title_font)
 
-    cells = Image.fromarray(colorize(v, lo, hi, cmap), "RGB")
-    img.paste(cells.resize((plot_w, plot_h), Image.NEAREST), (x0, y0))
+    for k, p in enumerate(panels):
+        block = v[:, starts[k]:starts[k + 1]]
+        cells = Image.fromarray(colorize(block, *ranges[k], p.cmap), "RGB")
+        img.paste(cells.resize((p.columns * cw, plot_h), Image.NEAREST), (x0 + int(col_off[starts[k]]), y0))
 
     for i in rows_shown:
         text = str(row_labels[i])
@@ -183,7 +234,7 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
         draw.text((x0 - 6 - tw, cy - th // 2 - font.getbbox(text)[1]), text, fill=TEXT_COLOR, font=font)
     for j in cols_shown:
         text = str(col_labels[j])
-        cx = x0 + j * cw + cw // 2
+        cx = x0 + int(col_off[j]) + cw // 2
         if rotate:
             tile = _rotated_text(text, font)
             img.paste(tile, (cx - tile.width // 2, y0 - 4 - tile.height))
@@ -203,32 +254,50 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
                 continue
             text = "n/a" if math.isnan(x) else _fmt(x)
             tw, th = _text_size(small, text)
+            lo, hi = ranges[panel_of[j]]
             t = 0.0 if math.isnan(x) else min(max((x - lo) / (hi - lo), 0.0), 1.0)
-            color = (255, 255, 255) if (cmap in ("viridis", "magma") and t < 0.55) else TEXT_COLOR
-            draw.text((x0 + j * cw + (cw - tw) // 2, y0 + i * ch + (ch - th) // 2 - small.getbbox(text)[1]),
-                      text, fill=color, font=small)
+            dark = panels[panel_of[j]].cmap in ("viridis", "magma") and t < 0.55
+            draw.text((x0 + int(col_off[j]) + (cw - tw) // 2,
+                       y0 + i * ch + (ch - th) // 2 - small.getbbox(text)[1]),
+                      text, fill=(255, 255, 255) if dark else TEXT_COLOR, font=small)
 
-    # Colour bar: top = vmax.
+    # Colour bars, top = vmax.
     bx, by = x0 + plot_w + 20, y0
-    ramp = np.linspace(hi, lo, bar_h)[:, None].repeat(bar_w, axis=1)
-    img.paste(Image.fromarray(colorize(ramp, lo, hi, cmap), "RGB"), (bx, by))
-    draw.rectangle([bx - 1, by - 1, bx + bar_w, by + bar_h], outline=TEXT_COLOR)
-    for t in ticks:
-        ty = by + int(round((hi - t) / (hi - lo) * (bar_h - 1)))
-        draw.line([bx + bar_w, ty, bx + bar_w + 4, ty], fill=TEXT_COLOR)
-        text = _fmt(float(t))
-        th = _text_size(small, text)[1]
-        draw.text((bx + bar_w + 6, ty - th // 2 - small.getbbox(text)[1]), text, fill=TEXT_COLOR, font=small)
-    if colorbar_label:
-        tile = _rotated_text(colorbar_label, font)
-        img.paste(tile, (bx + bar_w + 6 + tick_w + 6, by + max(0, (bar_h - tile.height) // 2)))
+    first_bx = bx
+    for p, (lo, hi), (ticks, tick_w, mark_w, label, block_w) in zip(panels, ranges, bars):
+        ramp = np.linspace(hi, lo, bar_h)[:, None].repeat(bar_w, axis=1)
+        img.paste(Image.fromarray(colorize(ramp, lo, hi, p.cmap), "RGB"), (bx, by))
+        draw.rectangle([bx - 1, by - 1, bx + bar_w, by + bar_h], outline=TEXT_COLOR)
+        for t in ticks:
+            ty = by + int(round((hi - t) / (hi - lo) * (bar_h - 1)))
+            draw.line([bx + bar_w, ty, bx + bar_w + 4, ty], fill=TEXT_COLOR)
+            text = _fmt(float(t))
+            th = _text_size(small, text)[1]
+            draw.text((bx + bar_w + 6, ty - th // 2 - small.getbbox(text)[1]), text, fill=TEXT_COLOR,
+                      font=small)
+        for value, text in p.marks:
+            text = drawable(text)
+            ty = by + int(round((hi - min(max(value, lo), hi)) / (hi - lo) * (bar_h - 1)))
+            draw.line([bx - 4, ty, bx + bar_w + 3, ty], fill=MARK_COLOR, width=2)
+            th = _text_size(small, text)[1]
+            draw.text((bx + bar_w + 6 + tick_w + 6, ty - th // 2 - small.getbbox(text)[1]), text,
+                      fill=MARK_COLOR, font=small)
+        if label:
+            tile = _rotated_text(label, font)
+            img.paste(tile, (bx + bar_w + 6 + tick_w + 6 + mark_w, by + max(0, (bar_h - tile.height) // 2)))
+        bx += block_w + 16
     if has_nan:
         ny = by + bar_h + line_h // 2
-        draw.rectangle([bx, ny, bx + bar_w, ny + line_h - 4], fill=NAN_COLOR, outline=TEXT_COLOR)
-        draw.text((bx + bar_w + 6, ny), "n/a", fill=TEXT_COLOR, font=small)
-    # Where the cells are (left, top, cell width, cell height): for callers that
-    # overlay marks, and for tests.
+        draw.rectangle([first_bx, ny, first_bx + bar_w, ny + line_h - 4], fill=NAN_COLOR, outline=TEXT_COLOR)
+        draw.text((first_bx + bar_w + 6, ny), nan_label, fill=TEXT_COLOR, font=small)
+    for k, text in enumerate(notes):
+        draw.text((pad, body_bottom + 4 + k * line_h), text, fill=TEXT_COLOR, font=font)
+    # Where the cells are (left, top, cell width, cell height) and where each
+    # panel's columns start: for callers that overlay marks, and for tests.
     img.info["heatmap_cells"] = (x0, y0, cw, ch)
+    img.info["heatmap_panels"] = [(x0 + int(col_off[starts[k]]), int(starts[k]), p.columns)
+                                  for k, p in enumerate(panels)]
+    img.info["heatmap_notes"] = notes
     return img
 
 

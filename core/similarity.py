@@ -283,7 +283,7 @@ class SimilarityReport:
         return phi_grid(x, y).numpy()
 
     def grid_image(self, name: str, side: str | None = None):
-        from .plot import heatmap
+        from .plot import Panel, heatmap
         side = side or self.sides[0]
         grid = self.phi_grid(name, side)
         r = self.module(name, side)
@@ -291,7 +291,8 @@ class SimilarityReport:
         title = (f"φ(i, j), {side} side: {name}  (top-i of A × top-j of B; "
                  f"φ({k},{l}) = {grid[-1, -1]:.3f}, chance {r.chance:.3f})")
         return heatmap(grid, [str(i) for i in range(1, k + 1)], [str(j) for j in range(1, l + 1)],
-                       title=title, vmin=0.0, vmax=1.0, colorbar_label="φ(i, j)")
+                       title=title, panels=[Panel(l, 0.0, 1.0, "φ(i, j) (high = similar)",
+                                                  marks=((r.chance, f"chance {r.chance:.3g}"),))])
 
     def chance_grid(self, name: str, side: str | None = None) -> np.ndarray:
         r = self.module(name, side or self.sides[0])
@@ -319,12 +320,34 @@ class SimilarityReport:
         return table, names, labels
 
     def heatmap_image(self):
-        from .plot import heatmap
+        """Two panels with their own scales: φ (high = similar) beside its chance
+        level per module, on a scale that ends at the largest of them, with the
+        mean chance marked; then the distances ÷ their maximum (high = different)."""
+        from .plot import Panel, heatmap
         table, names, labels = self.measure_table()
-        short = [_short_name(n) for n in names]
+        per_side = len(labels) // len(self.sides)
+        row = {n: i for i, n in enumerate(names)}
+        chance = np.full((len(names), len(self.sides)), np.nan)
+        for r in self.results:
+            if r.live:
+                chance[row[r.module], self.sides.index(r.side)] = r.chance
+        phi_cols, dist_cols, phi_labels, dist_labels = [], [], [], []
+        for k, side in enumerate(self.sides):
+            prefix = f"{side} " if len(self.sides) > 1 else ""
+            phi_cols += [table[:, k * per_side], chance[:, k]]
+            phi_labels += [f"{prefix}phi", f"{prefix}chance"]
+            dist_cols += [table[:, k * per_side + c] for c in range(1, per_side)]
+            dist_labels += labels[k * per_side + 1:(k + 1) * per_side]
+        values = np.column_stack(phi_cols + dist_cols)
+        finite = values[:, :len(phi_cols)][np.isfinite(values[:, :len(phi_cols)])]
+        top = float(finite.max()) if finite.size else 1.0
+        mean_chance = float(np.nanmean(chance)) if np.isfinite(chance).any() else None
+        panels = [Panel(len(phi_cols), 0.0, max(top, 1e-6), "φ (high = similar)",
+                        marks=((mean_chance, "chance"),) if mean_chance is not None else ()),
+                  Panel(len(dist_cols), 0.0, 1.0, "distance ÷ its maximum (high = different)", "magma")]
         title = f"{self.a.name} vs {self.b.name}: φ and distances by module (depth order)"
-        return heatmap(table, short, labels, title=title, vmin=0.0, vmax=1.0,
-                       colorbar_label="φ, or distance ÷ its maximum")
+        return heatmap(values, [_short_name(n) for n in names], phi_labels + dist_labels, title=title,
+                       panels=panels, nan_label="n/a (dead module)")
 
 
 def _extreme(r: ModuleResult) -> dict:

@@ -1,8 +1,8 @@
 """Analysis nodes: subspace similarity of two LoRAs, Grassmann kernel matrix of many."""
 from __future__ import annotations
 
-from .common import (CATEGORY, LORA_TYPE, Progress, connected_loras, lora_slot_inputs, node_result,
-                     pil_to_image, preview_ui, table)
+from .common import (CATEGORY, LORA_TYPE, Progress, connected_loras, lora_slot_inputs, lora_slot_name,
+                     node_result, notes_block, pil_to_image, preview_ui, table)
 
 SIDE_CHOICES = ["out", "in", "both"]
 
@@ -115,29 +115,43 @@ CLUSTER_CHOICES = ["spectral", "kernel-kmeans", "dbscan", "none"]
 MATRIX_TABLE_MAX = 12     # show the full matrix on the node up to this many LoRAs
 
 
-def kernel_tables(km, result) -> list[dict]:
+def kernel_tables(km, result, slots: list[str] | None = None) -> list[dict]:
+    """The LoRAs (by input name and file) with their clusters, the matrix with
+    rows and columns named by input (as on the node), and the warnings."""
+    from ..core.kernel_matrix import unshared_pairs
+
     n = len(km.names)
+    slots = list(slots) if slots else [lora_slot_name(i + 1) for i in range(n)]
     order = list(result.order) if result is not None else list(range(n))
     labels = {}
     if result is not None:
         for label, members in result.groups().items():
             for i in members:
                 labels[i] = "noise" if label < 0 else f"c{label}"
-    rows = [[labels.get(i, "-"), km.names[i], str(int(km.live[i])), str(int(km.dead[i]))] for i in order]
+    rows = [[slots[i], km.names[i], labels.get(i, "-"), str(int(km.live[i])), str(int(km.dead[i]))]
+            for i in order]
     note = [km.kernel.describe(), f"{len(km.modules)} module(s), side {km.side}"]
     if km.min_eigenvalue is not None:
         note.append(f"min eigenvalue {km.min_eigenvalue:.3g}")
     if result is not None:
         note.append(result.describe())
-    tables = [table("LoRAs", ["cluster", "LoRA", "live", "dead"], rows, note="; ".join(note))]
+    tables = [table("LoRAs", ["input", "LoRA", "cluster", "live", "dead"], rows, note="; ".join(note))]
     if n <= MATRIX_TABLE_MAX:
-        short = [f"#{i}" for i in order]
-        cells = [[f"#{i} {km.names[i]}"] + [("n/a" if km.matrix[i, j] != km.matrix[i, j]
-                                             else f"{km.matrix[i, j]:.3f}") for j in order] for i in order]
-        tables.append(table("Kernel matrix", [""] + short, cells))
+        apart = set(unshared_pairs(km.shared))
+
+        def cell(i, j):
+            if (min(i, j), max(i, j)) in apart:
+                return "none shared"
+            v = km.matrix[i, j]
+            return "n/a" if v != v else f"{v:.3f}"
+
+        tables.append(table("Kernel matrix", [""] + [slots[j] for j in order],
+                            [[slots[i]] + [cell(i, j) for j in order] for i in order],
+                            note="none shared: the two LoRAs have no module in common, so nothing "
+                                 "was compared" if apart else ""))
     warnings = list(km.warnings) + (list(result.warnings) if result is not None else [])
     if warnings:
-        tables.append(table("Warnings", [""], [[w] for w in warnings]))
+        tables.append(notes_block("Warnings", warnings))
     return tables
 
 
@@ -208,7 +222,8 @@ class GrassmannLoRAKernelMatrix:
         from ..core.errors import LoraError
         from ..core.kernel_matrix import cluster_kernel_matrix, compute_kernel_matrix
 
-        loras = [lora for _, lora in connected_loras(slots)]
+        connected = connected_loras(slots)
+        loras = [lora for _, lora in connected]
         if not loras:
             raise LoraError("Grassmann Kernel Matrix: connect at least one LoRA (lora_1, lora_2, …)")
         progress = Progress(1)
@@ -223,5 +238,6 @@ class GrassmannLoRAKernelMatrix:
         heat = km.heatmap_image(result)
         clusters_text = km.clusters_text(result) if result is not None else "no clustering"
         return node_result((pil_to_image(heat), clusters_text, km.to_json(result=result)),
-                           tables=kernel_tables(km, result), text=km.text_summary(result),
+                           tables=kernel_tables(km, result, [slot for slot, _ in connected]),
+                           text=km.text_summary(result),
                            images=preview_ui(heat, prefix="grassmann_kernel"))

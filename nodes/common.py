@@ -144,9 +144,9 @@ def table(title: str, columns: list[str], rows: list[list], note: str = "") -> d
             "rows": [[("" if v is None else str(v)) for v in r] for r in rows], "note": note}
 
 
-def text_block(title: str, text: str) -> dict:
-    """Preformatted text shown by the web extension where no table fits."""
-    return {"title": title, "text": text}
+def notes_block(title: str, lines: list[str]) -> dict:
+    """Lines of prose (warnings) the web extension shows as wrapped paragraphs."""
+    return {"title": title, "lines": [str(line) for line in lines]}
 
 
 def node_result(result: tuple, tables: list[dict] = (), text: str | None = None,
@@ -179,14 +179,28 @@ def model_family(model) -> str | None:
 
 
 def check_family(lora, model) -> None:
+    check_families([(None, lora)], model)
+
+
+def check_families(named, model) -> None:
+    """Refuse LoRAs made for another base than MODEL's, before any work: the
+    error names each such LoRA (input and file) and the checkpoint's family.
+    ``named``: (input name or None, LoraFile) pairs."""
     from ..core.errors import LoraError
     from ..core.lora import FAMILY_LABELS
 
     have = model_family(model) if model is not None else None
-    want = getattr(lora, "family", "unknown")
-    if have and want in ("sd1", "sd2", "sdxl") and want != have:
-        raise LoraError(f"this LoRA is for {FAMILY_LABELS[want]} but the model is "
-                        f"{FAMILY_LABELS[have]}; use a LoRA trained on the same base", lora.path)
+    if not have:
+        return
+    wrong = [(slot, lora) for slot, lora in named
+             if getattr(lora, "family", "unknown") in ("sd1", "sd2", "sdxl") and lora.family != have]
+    if not wrong:
+        return
+    who = ", ".join(f"{slot + ' ' if slot else ''}{os.path.basename(lora.path or '') or 'LoRA'} "
+                    f"({FAMILY_LABELS[lora.family]})" for slot, lora in wrong)
+    raise LoraError(f"{who} {'is' if len(wrong) == 1 else 'are'} made for another base model than the "
+                    f"checkpoint, which is {FAMILY_LABELS[have]}; use LoRAs trained on "
+                    f"{FAMILY_LABELS[have]}, or a checkpoint of their base")
 
 
 def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, dtype=None):

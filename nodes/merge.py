@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (CATEGORY, DTYPE_CHOICES, LORA_TYPE, Progress, apply_lora, connected_loras,
-                     lora_slot_inputs, node_result, parse_weights, save_dtype, table, text_block)
+from .common import (CATEGORY, DTYPE_CHOICES, LORA_TYPE, Progress, apply_lora, check_families,
+                     connected_loras, lora_slot_inputs, lora_slot_name, node_result, notes_block,
+                     parse_weights, save_dtype, table)
 
 
 class GrassmannLoRAKarcherMerge:
@@ -73,9 +74,11 @@ class GrassmannLoRAKarcherMerge:
         from ..core.errors import LoraError
         from ..core.merge import merge
 
-        loras = [lora for _, lora in connected_loras(slots)]
+        connected = connected_loras(slots)
+        loras = [lora for _, lora in connected]
         if not loras:
             raise LoraError("Karcher Merge LoRA: connect at least one LoRA (lora_1, lora_2, …)")
+        check_families(connected, model)        # before the merge, naming the sources
         progress = Progress(1)
         result = merge(loras, parse_weights(weights, len(loras)), method, merge_rank(method, rank),
                        dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
@@ -87,7 +90,7 @@ class GrassmannLoRAKarcherMerge:
         progress(progress.total)
         text = result.report.table()
         return node_result((model_out, clip_out, result.lora, text),
-                           tables=fidelity_tables(result.report), text=text)
+                           tables=fidelity_tables(result.report, [slot for slot, _ in connected]), text=text)
 
 
 def merge_rank(method: str, rank: int) -> int | None:
@@ -98,14 +101,16 @@ def merge_rank(method: str, rank: int) -> int | None:
     return None if not get(method).ranked or rank == 0 else rank
 
 
-def fidelity_tables(report) -> list[dict]:
-    """Per source: share of its energy the merge keeps and φ to its column spaces;
-    then the whole-LoRA figures, and the per-group table as text."""
+def fidelity_tables(report, slots: list[str] | None = None) -> list[dict]:
+    """Per source (named by its input, lora_1 …): share of its energy the merge
+    keeps and φ to its column spaces; the whole-LoRA figures; the per-group table;
+    the warnings as wrapped lines."""
     s = report.summary()
+    slots = list(slots) if slots else [lora_slot_name(k + 1) for k in range(len(report.sources))]
     rows = []
     for k, name in enumerate(report.sources):
         kept, phi = s["kept"].get(name), s["phi"].get(name)
-        rows.append([chr(ord("A") + k) if k < 26 else f"S{k}", os.path.splitext(name)[0], f"{report.weights[k]:g}",
+        rows.append([slots[k], os.path.splitext(name)[0], f"{report.weights[k]:g}",
                      "-" if kept is None else f"{kept:.3f}", "-" if phi is None else f"{phi:.3f}"])
     facts = [["modules", f"{s['modules']} ("
               + ", ".join(f"{v} {k}" for k, v in s["status"].items() if v) + ")"],
@@ -119,11 +124,17 @@ def fidelity_tables(report) -> list[dict]:
         facts.append(["not unique / not converged", f"{kk['not_unique']} / {kk['not_converged']}"])
     for reason, n in s["skipped"].items():
         facts.append([f"skipped ({reason})", str(n)])
-    for w in report.warnings:
-        facts.append(["warning", w])
-    return [table(f"{report.method} merge of {len(report.sources)} LoRAs",
-                  ["", "source", "weight", "energy kept", "φ to merge"], rows,
-                  note="energy kept: share of ‖ΔW_k‖² inside the merge's column and row spaces; "
-                       "φ: overlap of the column spaces (1 = same)."),
-            table("Fidelity", ["", ""], facts),
-            text_block("By block group", report.table())]
+    tables = [table(f"{report.method} merge of {len(report.sources)} LoRAs",
+                    ["input", "source", "weight", "energy kept", "φ to merge"], rows,
+                    note="energy kept: share of ‖ΔW_k‖² inside the merge's column and row spaces; "
+                         "φ: overlap of the column spaces (1 = same)."),
+              table("Fidelity", ["", ""], facts)]
+    head, groups = report.group_rows(slots)
+    if groups:
+        tables.append(table("By block group", head, groups,
+                            note="rel.err: ‖merge − Σ w_k ΔW_k‖ / ‖Σ w_k ΔW_k‖; kept / φ: as above, per "
+                                 "group" + ("; iters: Karcher steps per module side, mean/max; non-uniq: "
+                                            "modules whose mean is not unique" if "iters" in head else "")))
+    if report.warnings:
+        tables.append(notes_block("Warnings", list(report.warnings)))
+    return tables

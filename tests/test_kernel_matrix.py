@@ -10,6 +10,7 @@ from core.factored import dense_svd
 from core.kernel_matrix import (cluster_kernel_matrix, compute_kernel_matrix,
                                 kernel_matrix_from_statistics, pair_statistics)
 from core.kernels import CPD, INDEFINITE, KERNELS, PD, make_kernel
+from core.plot import NAN_COLOR
 from core.synthetic import module_names, perturbed_lora, random_lora
 from tests.kernel_reference import brute_kernel, valid_params
 
@@ -228,6 +229,30 @@ def test_pairs_sharing_nothing():
     with pytest.raises(LoraError, match="share no module"):
         cluster_kernel_matrix(log)
     assert json.loads(log.to_json())["matrix"][0][1] is None
+
+
+def test_each_pair_sharing_nothing_is_named():
+    """A and B share no module but each shares one with C: no LoRA is alone, yet
+    the pair's 0 is a convention, not a measurement; the warning names the pair,
+    the text marks its cells and the heatmap greys them."""
+    names = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k",
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v"]
+    a = random_lora("sd1", 3, seed=1, names=names[:1], path="a.safetensors")
+    b = random_lora("sd1", 3, seed=2, names=names[1:2], path="b.safetensors")
+    c = random_lora("sd1", 3, seed=3, names=names, path="c.safetensors")
+    km = compute_kernel_matrix([a, b, c], device="cpu")
+    assert km.shared[0, 1] == 0 and km.shared[0, 2] == 1 and km.shared[1, 2] == 1
+    assert km.matrix[0, 1] == 0.0
+    (warning,) = [w for w in km.warnings if "share no module" in w]
+    assert "1 pair(s)" in warning and "a.safetensors / b.safetensors" in warning
+    assert not any("with any other LoRA" in w for w in km.warnings)
+    text = km.text_summary()
+    assert "  none" in text and "the pair shares no module" in text
+    img = km.heatmap_image()
+    x0, y0, cw, ch = img.info["heatmap_cells"]
+    assert img.getpixel((x0 + cw + cw // 2, y0 + ch // 3)) == NAN_COLOR      # row a, column b
+    assert img.getpixel((x0 + 2 * cw + cw // 2, y0 + ch // 3)) != NAN_COLOR  # row a, column c
 
 
 def test_indefinite_kernel_refused_for_clustering_unless_forced(library):

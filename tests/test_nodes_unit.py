@@ -387,6 +387,10 @@ def test_kernel_matrix_node_matches_core():
     shown = np.array([[float(x) for x in row[1:]] for row in tables[1]["rows"]])
     order = res.order
     assert np.allclose(shown, km.matrix[np.ix_(order, order)], atol=5e-4)
+    # rows and columns are named by the node's inputs (lora_1 …), as in the LoRAs table
+    assert [r[0] for r in tables[1]["rows"]] == [f"lora_{i + 1}" for i in order]
+    assert tables[1]["columns"][1:] == [f"lora_{i + 1}" for i in order]
+    assert [r[:2] for r in tables[0]["rows"]] == [[f"lora_{i + 1}", "abc"[i] + ".safetensors"] for i in order]
     assert heat.shape[0] == 1 and heat.shape[3] == 3
 
 
@@ -423,8 +427,15 @@ def test_merge_node_matches_core_and_leaves_model_alone():
     for name, mod in ref.lora.modules.items():
         assert merged.modules[name].dtype == torch.float16
         assert torch.equal(merged.modules[name].up, mod.up) and torch.equal(merged.modules[name].down, mod.down)
-    sources = out["ui"][common.TABLE_UI_KEY][0]["rows"]
+    shown = out["ui"][common.TABLE_UI_KEY]
+    sources = shown[0]["rows"]
+    assert [r[0] for r in sources] == ["lora_1", "lora_2"]
     assert [r[1] for r in sources] == ["a", "b"] and sources[0][2] == "0.7"
+    # the per-group report is a table (not preformatted text), its sources named by input
+    groups = next(t for t in shown if t["title"] == "By block group")
+    head, rows = ref.report.group_rows(["lora_1", "lora_2"])
+    assert groups["columns"] == head and groups["rows"] == rows and rows[-1][0] == "all"
+    assert "kept lora_1" in head and not any("text" in t for t in shown)
     kept = ref.report.summary()["kept"]["a.safetensors"]
     assert sources[0][3] == f"{kept:.3f}"
 
@@ -547,3 +558,31 @@ def test_apply_save_as_written_keeps_lokr_products_fp32():
     assert written.modules[name].dtype == torch.float32
     assert all(m.dtype == torch.float16 for n, m in written.modules.items() if n != name)
     assert common.as_written(lora, torch.float16) is lora
+
+
+def test_merge_onto_another_base_names_the_sources_and_the_checkpoint(monkeypatch):
+    """Two SD2 LoRAs merged onto an SD1.5 checkpoint: refused before any merging,
+    naming each source by input and file and the checkpoint's family (not the
+    merge's own name, a file the user never made)."""
+    import types
+    sm = types.ModuleType("comfy.supported_models")
+    for name in ("SD15", "SD20", "SDXL", "SDXLRefiner"):
+        setattr(sm, name, type(name, (), {}))
+    comfy = types.ModuleType("comfy")
+    comfy.supported_models = sm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.supported_models", sm)
+    model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SD15()))
+    a = random_lora("sd2", rank=4, seed=0, limit=3, path="/loras/style_sd2.safetensors")
+    b = random_lora("sd2", rank=4, seed=1, limit=3, path="/loras/other_sd2.safetensors")
+    node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
+    merged = []
+    monkeypatch.setattr(pack("core.merge"), "merge", lambda *a, **k: merged.append(1))
+    with pytest.raises(LoraError) as err:
+        node.run(model, object(), "karcher", 0, "", "fp16", 1.0, 1.0, 0.2, 0.5, 0, lora_1=a, lora_3=b)
+    text = str(err.value)
+    assert "lora_1 style_sd2.safetensors (SD2.x), lora_3 other_sd2.safetensors (SD2.x)" in text
+    assert "checkpoint, which is SD1.x" in text and "merged" not in text and not merged
+    # one LoRA applied alone: the same message, in the singular
+    with pytest.raises(LoraError, match=r"^style_sd2.safetensors \(SD2.x\) is made for another base"):
+        pack("nodes.common").check_family(a, model)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.plot import COLORMAPS, NAN_COLOR, colorize, heatmap, image_to_png
+from core.plot import COLORMAPS, MARK_COLOR, NAN_COLOR, Panel, colorize, heatmap, image_to_png
 
 
 def cell_pixel(img, i, j):
@@ -72,6 +72,38 @@ def test_labels_are_drawn_and_thinned():
     # Runs of inked pixel rows = drawn labels; each label needs ~10+ px, so at most ~1/10 rows.
     runs = int(np.sum(inked_rows[1:] & ~inked_rows[:-1])) + int(inked_rows[0])
     assert 10 < runs < 1000 * ch / 8
+
+
+def test_panels_have_their_own_scale_and_marks():
+    v = np.array([[0.01, 0.5, 0.2], [0.02, 1.0, 0.0]])
+    img = heatmap(v, ["a", "b"], ["phi", "d1", "d2"], annotate=False,
+                  panels=[Panel(1, 0.0, 0.02, "phi", marks=((0.01, "chance"),)),
+                          Panel(2, 0.0, 1.0, "distance", "magma")])
+    _, y0, cw, ch = img.info["heatmap_cells"]
+    (x_a, first_a, n_a), (x_b, first_b, n_b) = img.info["heatmap_panels"]
+    assert (first_a, n_a, first_b, n_b) == (0, 1, 1, 2) and x_b > x_a + cw     # a gap between panels
+    px = lambda x, i: img.getpixel((x + cw // 2, y0 + i * ch + ch // 3))
+    # φ = 0.02 is the top of its own scale, though it is near the bottom of the distances'
+    assert px(x_a, 1) == tuple(COLORMAPS["viridis"][-1])
+    assert px(x_a, 0) == tuple(colorize(np.array([0.01]), 0.0, 0.02)[0])
+    assert px(x_b, 0) == tuple(colorize(np.array([0.5]), 0.0, 1.0, "magma")[0])
+    assert px(x_b + cw, 1) == tuple(COLORMAPS["magma"][0])
+    # the chance mark is drawn in its colour on the first colour bar
+    assert (np.asarray(img) == MARK_COLOR).all(axis=-1).sum() > 20
+    with pytest.raises(ValueError, match="panels cover"):
+        heatmap(v, ["a", "b"], ["x", "y", "z"], panels=[Panel(2)])
+
+
+def test_thinned_labels_are_said_on_the_image():
+    few = heatmap(np.zeros((10, 3)), [f"m{i}" for i in range(10)], ["a", "b", "c"], vmin=0, vmax=1)
+    assert few.info["heatmap_notes"] == []
+    many = heatmap(np.zeros((1000, 3)), [f"m{i}" for i in range(1000)], ["a", "b", "c"], vmin=0, vmax=1)
+    (note,) = many.info["heatmap_notes"]
+    assert note.startswith("row labels shown for every ") and note.endswith("of 1000 rows")
+    # the note is drawn below the cells: ink there that the 10-row image has no counterpart of
+    x0, y0, cw, ch = many.info["heatmap_cells"]
+    below = np.asarray(many.crop((0, y0 + 1000 * ch + 2, many.width, many.height)).convert("L"))
+    assert (below < 128).any()
 
 
 def test_bad_input_raises():

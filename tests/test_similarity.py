@@ -279,6 +279,8 @@ def test_json_file_and_images(tmp_path):
     assert (table[1:] >= 0).all() and (table[1:] <= 1 + 1e-12).all()
     img = rep.heatmap_image()
     assert img.width > 300 and img.height > 12 * 5
+    # φ and its chance level (per side) on their own scale, the 14 distances on another
+    assert [(first, n) for _, first, n in img.info["heatmap_panels"]] == [(0, 4), (4, 14)]
     name = rows[3] if rows[3] in a.modules else "lora_unet_" + rows[3]
     assert rep.grid_image(rep.results[5].module, "in").size[0] > 100
 

@@ -1,8 +1,9 @@
 // Grassmann LoRA front-end extension (no build step; loaded by ComfyUI from WEB_DIRECTORY).
 //
 // 1. Shows the tables our nodes send in `ui.grassmann_table` (similarity summary,
-//    fidelity report, clusters, differences, file info) as an HTML table on the node.
-//    ComfyUI does not display `ui.text` for custom nodes, hence this widget.
+//    fidelity report, clusters, differences, file info) as HTML tables on the node,
+//    and their warnings (`lines`) as wrapped paragraphs. ComfyUI does not display
+//    `ui.text` for custom nodes, hence this widget.
 // 2. Keeps heatmap previews (`ui.images`) visible: the node grows so the image
 //    area below the table is not squeezed to nothing.
 // 3. Manages the dynamic LoRA inputs lora_1 … lora_N of the Kernel Matrix and
@@ -31,8 +32,11 @@ const STYLE = `
 .grassmann-lora-tables td.num { text-align: right; white-space: nowrap; overflow-wrap: normal; }
 .grassmann-lora-tables table.kv td:first-child { white-space: nowrap; opacity: .8; width: 1%; }
 .grassmann-lora-tables th { position: sticky; top: 0; background: var(--comfy-input-bg, #222); }
-.grassmann-lora-tables pre { margin: 2px 0; white-space: pre-wrap; }
-.grassmann-lora-tables .note { opacity: .75; margin: 2px 0 4px; white-space: normal; }
+.grassmann-lora-tables pre { margin: 2px 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+.grassmann-lora-tables .note { opacity: .75; margin: 2px 0 4px; white-space: normal; overflow-wrap: anywhere; }
+.grassmann-lora-tables .line { margin: 2px 0; padding-left: 10px; text-indent: -10px; white-space: normal;
+  overflow-wrap: anywhere; }
+.grassmann-lora-tables .line::before { content: "• "; }
 `;
 
 function ensureStyle() {
@@ -58,10 +62,16 @@ function renderTables(container, tables) {
       pre.textContent = t.text;
       container.appendChild(pre);
     }
+    for (const line of Array.isArray(t.lines) ? t.lines : []) {
+      const p = document.createElement("div");
+      p.className = "line";
+      p.textContent = line;
+      container.appendChild(p);
+    }
     if (Array.isArray(t.rows)) {
       const table = document.createElement("table");
       const cols = t.columns || [];
-      const keyValue = !cols.some((c) => c);   // two columns without headers: label → value
+      const keyValue = cols.length === 2 && !cols.some((c) => c);   // label → value, no headers
       if (keyValue) table.className = "kv";
       if (!keyValue) {
         const tr = table.createTHead().insertRow();

@@ -89,9 +89,10 @@ class MergeReport:
                 "summary": self.summary(), "warnings": self.warnings, "skipped": self.skipped,
                 "rank_capped": self.capped, "modules": [m.to_dict() for m in self.modules]}
 
-    def table(self) -> str:
-        """Fidelity per block group (the JSON report has every module)."""
-        labels = [chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(len(self.sources))]
+    def group_rows(self, labels: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of the fidelity per block group, the last row "all";
+        sources are called by ``labels`` (default A, B, …) in the kept/φ columns."""
+        labels = labels or source_letters(len(self.sources))
         groups: dict[str, list[ModuleReport]] = {}
         for m in self.modules:
             groups.setdefault(m.group, []).append(m)
@@ -100,7 +101,7 @@ class MergeReport:
         karcher = any(m.karcher for m in self.modules)
         if karcher:
             head += ["iters", "non-uniq"]
-        rows = [head]
+        rows = []
 
         def row(label: str, mods: list[ModuleReport]) -> list[str]:
             target = math.sqrt(sum(m.target_norm ** 2 for m in mods))
@@ -124,9 +125,17 @@ class MergeReport:
 
         for label, mods in groups.items():
             rows.append(row(label, mods))
+        if self.modules:
+            rows.append(row("all", self.modules))
+        return head, rows
+
+    def table(self) -> str:
+        """Fidelity per block group (the JSON report has every module)."""
         if not self.modules:
             return f"{self.method} merge: no module left to write ({self.skipped})"
-        rows.append(row("all", self.modules))
+        labels = source_letters(len(self.sources))
+        head, body = self.group_rows(labels)
+        rows = [head] + body
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"{self.method} merge of {len(self.sources)} LoRAs ({self.family}), weights "
                  f"{', '.join(f'{w:g}' for w in self.weights)}"]
@@ -144,6 +153,11 @@ class MergeReport:
             lines.append(f"rank lowered to what the sources allow in {len(self.capped)} module(s)")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def source_letters(n: int) -> list[str]:
+    """How the report's tables call the sources: A, B, … (S26, S27, … after Z)."""
+    return [chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(n)]
 
 
 def add_warnings(report: MergeReport) -> None:

@@ -45,6 +45,7 @@ SIZE, STEPS, CFG = 64, 1, 1.0          # cfg 1: ComfyUI skips the negative pass
 STRENGTH_MODEL = 100.0
 BAD_FILE = "not_a_lora.safetensors"
 SD2_FILE = "cloneofsimo__lora_illust_sd2.pt"
+SD2_OTHER = "cloneofsimo__lora_pop_sd2.pt"
 TIMES: dict[str, float] = {}
 
 
@@ -128,6 +129,7 @@ def comfy(real_loras_dir, tmp_path_factory):
         srv.add_checkpoint(ckpt, eg.CHECKPOINT)
         timed("prepare LoRAs", eg.prepare_loras, srv.loras_dir, real_loras_dir)
         srv.add_lora(real_loras_dir / SD2_FILE)
+        srv.add_lora(real_loras_dir / SD2_OTHER)
         from safetensors.numpy import save_file
         save_file({"model.diffusion_model.input_blocks.0.0.weight": np.ones((4, 4), np.float32)},
                   str(srv.loras_dir / BAD_FILE))
@@ -260,9 +262,21 @@ def test_library_map(comfy):
     out = ui(entry, "20")
     loras_table, matrix = out["grassmann_table"][0], out["grassmann_table"][1]
     assert sorted(r[1] for r in loras_table["rows"]) == sorted(eg.LIBRARY)
-    assert all(r[0].startswith("c") for r in loras_table["rows"])
-    cells = np.array([[float(c) for c in row[1:]] for row in matrix["rows"]])
-    assert cells.shape == (6, 6) and np.allclose(np.diag(cells), 1.0) and np.allclose(cells, cells.T)
+    assert all(r[2].startswith("c") for r in loras_table["rows"])
+    # rows and columns named by input; the slot of each file is the one it is connected to
+    slot_of = {name: f"lora_{k}" for k, name in enumerate(eg.LIBRARY, 1)}
+    assert all(r[0] == slot_of[r[1]] for r in loras_table["rows"])
+    assert [r[0] for r in matrix["rows"]] == matrix["columns"][1:] == [r[0] for r in loras_table["rows"]]
+    # the text-encoder-only LoRA shares no module with the UNet-only one: said per pair, not a 0
+    te, unet = slot_of["cloneofsimo__lora_kiriko2_sd15_te_kohya.safetensors"], \
+        slot_of["catundchat__pytorch_lora_weights.safetensors"]
+    row = next(r for r in matrix["rows"] if r[0] == te)
+    assert row[1 + matrix["columns"][1:].index(unet)] == "none shared"
+    warnings = next(t for t in out["grassmann_table"] if t["title"] == "Warnings")["lines"]
+    assert any("share no module" in w and "kiriko2" in w and "catundchat" in w for w in warnings)
+    cells = np.array([[np.nan if c == "none shared" else float(c) for c in row[1:]] for row in matrix["rows"]])
+    assert cells.shape == (6, 6) and np.allclose(np.diag(cells), 1.0)
+    assert np.allclose(cells, cells.T, equal_nan=True)
     assert len(comfy.output_images(entry, "21")) == 1
 
 
@@ -462,6 +476,20 @@ def test_sd2_with_sd15_is_an_error(comfy):
     err = _error(comfy, g, "error: SD2 LoRA on an SD1.5 model")
     assert err.node_type == "GrassmannLoRAApply" and SD2_FILE in err.exception_message
     assert "SD2" in err.exception_message
+    # two SD2 LoRAs merged onto the SD1.5 checkpoint: the sources and the checkpoint's family
+    # are named, not the merge's own name (a file the user never made)
+    g = {**_load(SD2_FILE, "1"), **_load(SD2_OTHER, "5"),
+         "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": eg.CHECKPOINT}}}
+    g["3"] = {"class_type": "GrassmannLoRAKarcherMerge", "inputs": {
+        "model": ["2", 0], "clip": ["2", 1], "method": "karcher", "rank": 0, "weights": "", "dtype": "fp16",
+        "strength_model": 1.0, "strength_clip": 1.0, "ties_density": 0.2, "dare_drop": 0.5, "dare_seed": 0,
+        "lora_1": ["1", 0], "lora_2": ["5", 0]}}
+    g["4"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 3]}}
+    err = _error(comfy, g, "error: two SD2 LoRAs merged onto an SD1.5 model")
+    msg = err.exception_message
+    assert err.node_type == "GrassmannLoRAKarcherMerge", msg
+    assert f"lora_1 {SD2_FILE} (SD2.x)" in msg and f"lora_2 {SD2_OTHER} (SD2.x)" in msg, msg
+    assert "SD1.x" in msg and "merged" not in msg, msg
 
 
 def test_save_refuses_escape_and_overwrite(comfy):
