@@ -1,4 +1,5 @@
-"""Principal angles between subspaces, the primitive every measure builds on.
+"""Principal angles between subspaces, the primitive every measure builds on,
+and the Grassmann Log/Exp maps the means build on.
 
 X (d×k) and Y (d×l) are orthonormal bases (batched: ...×d×k). Only
 min(k, l) angles exist. Cosines come from the SVD of the small XᵀY; for small
@@ -45,3 +46,123 @@ def log_cos_product(cos: torch.Tensor) -> torch.Tensor:
     """log Π cos θ = log|det XᵀY| (equal ranks), without the underflow of the
     plain product (≈1e-48 for two unrelated 64-dim subspaces of R^768)."""
     return torch.log(cos.clamp_min(torch.finfo(cos.dtype).tiny)).sum(-1)
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)
+
+
+def orthonormalize(x: torch.Tensor) -> torch.Tensor:
+    """Q of a thin QR with R's diagonal made positive, so that a nearly
+    orthonormal x keeps its columns (and their signs): tangent vectors
+    transported between iterates must refer to matching columns."""
+    q, r = torch.linalg.qr(x)
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    return q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
+
+
+def tangent_projection(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(I − XXᵀ)V: onto the tangent space at X (also the vector transport we use)."""
+    return v - x @ (_t(x) @ v)
+
+
+def log_frame(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, θ, E) with Log_X(Y) = E·diag(θ)·Pᵀ: XᵀY = P·cosΘ·Qᵀ (p×p SVD), θ the
+    principal angles (ascending) and E the unit directions (I − XXᵀ)YQ/sin θ
+    from X's principal vectors XP towards Y's (zero columns where sin θ = 0).
+
+    The columns of (I − XXᵀ)YQ = YQ − X(XᵀY)Q are mutually orthogonal with
+    norms sin θ, so θ = atan2(sin, cos) is accurate at both ends, with no
+    inverse and nothing d×d. At θ = π/2 the geodesic is not unique; the SVD's
+    choice is taken (finite, deterministic).
+    """
+    m = _t(x) @ y
+    p, cos, qh = torch.linalg.svd(m)
+    q = _t(qh)
+    resid = y @ q - x @ (m @ q)
+    sin = torch.linalg.vector_norm(resid, dim=-2)
+    theta = torch.atan2(sin, cos.clamp(0.0, 1.0))
+    tiny = torch.finfo(x.dtype).tiny
+    e = resid / torch.where(sin > tiny, sin, torch.full_like(sin, math.inf)).unsqueeze(-2)
+    return p, theta, e
+
+
+def grassmann_log(x: torch.Tensor, y: torch.Tensor, return_angles: bool = False):
+    """Log_X(Y): the tangent H at X (XᵀH = 0) with Exp_X(H) = span(Y), ‖H‖_F = d_geo
+    (see log_frame). With return_angles also the principal angles θ (…, p), ascending."""
+    p, theta, e = log_frame(x, y)
+    log = (e * theta.unsqueeze(-2)) @ _t(p)
+    return (log, theta) if return_angles else log
+
+
+def alpha_cot_alpha(a: torch.Tensor) -> torch.Tensor:
+    """α·cot α, even, 1 at 0 (series below 1e-4), kept finite at α = π."""
+    small = a.abs() < 1e-4
+    sin = torch.sin(a)
+    tiny = torch.finfo(a.dtype).eps ** 2
+    sin = torch.where(sin.abs() < tiny, torch.full_like(sin, tiny), sin)
+    return torch.where(small, 1.0 - a * a / 3.0, a * torch.cos(a) / sin)
+
+
+class SqDistanceHessian:
+    """The Riemannian Hessian of Σ_k w_k·½d_geo²(·, Y_k) at X, as a map on tangents
+    η (…, d, p), from log_frame(X, Y_k) = (P, θ, E) stacked over k (…, K, …) and
+    weights w (…, K). Exact; O(K·d·p²) per product.
+
+    Gr(p, d) is a symmetric space: along the geodesic from X to Y (tangent
+    E·diag(θ)·Pᵀ) the Jacobi operator is diagonal in the frame (E, P), with
+    the restricted roots of Gr as eigenvalues, and the Hessian of ½r² has
+    eigenvalue α·cot α on each root α. With B = Eᵀ(ηP) and C = ηP − E·B (the
+    part of ηP orthogonal to every E column):
+      (B_ij + B_ji)/2: α = θ_i − θ_j (so 1 on diag(B), the flat through X and Y);
+      (B_ij − B_ji)/2: α = θ_i + θ_j;
+      column j of C: α = θ_j.
+    A direction whose E column is zero (θ_i = 0) falls into C, which is the
+    right limit (θ_i ± θ_j = θ_j). Negative values appear once θ_i + θ_j > π/2:
+    the cost is then not convex there (means may be several).
+    Summed over k, H(η) = Σ_k E_k·w_k(H_B(B_k) − B_kΦ_k)·P_kᵀ + η·Σ_k w_k P_kΦ_kP_kᵀ
+    (Φ_k = diag α·cot α at θ_k): two stacked products with d rows per call.
+    """
+
+    def __init__(self, p: torch.Tensor, theta: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> None:
+        ti, tj = theta.unsqueeze(-1), theta.unsqueeze(-2)
+        self.plus, self.minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
+        self.phi = alpha_cot_alpha(theta).unsqueeze(-2)
+        self.p, self.w = p, w[..., None, None]
+        *lead, k, d, r = e.shape
+        self.e = e.movedim(-3, -2).reshape(*lead, d, k * r)            # [E_1 … E_K]
+        self.flat = ((p * self.phi) @ _t(p) * self.w).sum(-3)           # Σ w_k P_kΦ_kP_kᵀ
+        self.k, self.r = k, r
+
+    def __call__(self, eta: torch.Tensor) -> torch.Tensor:
+        *lead, d, r = eta.shape
+        b = (_t(self.e) @ eta).reshape(*lead, self.k, r, r) @ self.p   # B_k = E_kᵀηP_k
+        bt = _t(b)
+        hb = 0.5 * (self.minus * (b + bt) + self.plus * (b - bt)) - b * self.phi
+        g = (hb @ _t(self.p)) * self.w
+        return self.e @ g.reshape(*lead, self.k * r, r) + eta @ self.flat
+
+    def lower_bound(self) -> torch.Tensor:
+        """Σ_k w_k λ_min(Hess ½d²(·, Y_k)) ≤ λ_min(H) (Weyl). α·cot α decreases on
+        [0, π), so each term's smallest eigenvalue is at its largest root."""
+        plus = self.plus.clone()
+        eye = torch.eye(plus.shape[-1], dtype=torch.bool, device=plus.device)
+        plus = plus.masked_fill(eye, 1.0)         # θ_i + θ_i is no root
+        least = torch.minimum(plus.amin((-2, -1)), self.phi.amin((-2, -1)))
+        return (self.w[..., 0, 0] * least.clamp_max(1.0)).sum(-1)
+
+
+def grassmann_exp(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Exp_X(H) = X·V·cosΣ·Vᵀ + U·sinΣ·Vᵀ with H = UΣVᵀ, re-orthonormalised.
+
+    Written as X·cos(√(HᵀH)) + H·sinc(√(HᵀH)): both are analytic functions of
+    the p×p matrix HᵀH = VΣ²Vᵀ, so one eigh of it replaces the thin SVD of
+    the d×p H (U·sinΣ = H·V·diag(sinΣ/Σ)) without losing digits for small Σ,
+    and any eigenbasis of repeated Σ gives the same result.
+    """
+    lam, v = torch.linalg.eigh(_t(h) @ h)
+    s = lam.clamp_min(0.0).sqrt()
+    small = s < 1e-4
+    sinc = torch.where(small, 1.0 - s * s / 6.0, torch.sin(s) / torch.where(small, torch.ones_like(s), s))
+    y = (x @ v) * torch.cos(s).unsqueeze(-2) + (h @ v) * sinc.unsqueeze(-2)
+    return orthonormalize(y @ _t(v))
