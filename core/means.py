@@ -1,0 +1,192 @@
+"""Chordal means of subspaces: the flag (extrinsic) mean, the flag median and
+the consensus of a set of subspaces, for sources of equal or different ranks.
+
+The weighted sources U_k (…, d, p_k), weights normalised to Σ w_k = 1, enter
+only through Σ w_k U_kU_kᵀ = ZDZᵀ with Z = [U_1 … U_K] (d×R, R = Σ p_k) and
+D = diag(w_k repeated p_k times). Its nonzero spectrum is that of the R×R
+matrix D^½(ZᵀZ)D^½, so after one Gram ZᵀZ (O(d·R²)) everything is R×R work
+whatever d, and a reweighting (the flag median) never touches d again.
+
+- flag mean (Draper et al. 2014; the extrinsic or chordal mean): the top-p
+  eigenvectors of Σ w_k U_kU_kᵀ, the minimiser of Σ w_k d_chordal²(X, U_k)
+  over Gr(p, d) for equal ranks, closed form, unique when λ_p > λ_{p+1}.
+- consensus: those eigenvalues. λ ∈ [0, 1]; ≈1 for a direction every source
+  holds, ≈w_k for one only source k holds. The orthogonal projector P of any
+  rank minimising Σ w_k‖P − U_kU_kᵀ‖²_F = const + Σ_{v∈P} (1 − 2λ_v) keeps
+  exactly the eigenvectors with λ > ½: a weighted majority (consensus_rank).
+- flag median (Mankovich et al., CVPR 2022, arXiv 2203.04437): the minimiser
+  of Σ w_k d_chordal(X, U_k), not squared, by iteratively reweighted flag
+  means with weights w_k / max(d_k, ε). One far-off source gets a weight
+  1/d_k instead of a pull ∝ d_k, so an outlier does not drag the result.
+
+d_chordal(X, U_k) = √Σ sin²θ over the min(p, p_k) principal angles (Ye & Lim 2016).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LoraError
+from .grassmann import orthonormalize
+
+MEDIAN_EPS = 1e-10     # IRLS floor on a distance: a source the median passes through keeps a finite weight
+MEDIAN_TOL = 1e-10     # IRLS stops when the relative decrease of Σ w_k d_k is below this
+
+
+def check_weights(weights, k: int, like: torch.Tensor) -> torch.Tensor:
+    """Positive finite weights (…, K) normalised to sum 1 (the means do not change
+    when all weights are scaled, and tolerances stay scale-free)."""
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if w.shape[-1] != k:
+        raise LoraError(f"{w.shape[-1]} weight(s) for {k} subspaces")
+    if not torch.isfinite(w).all():
+        raise LoraError("subspace weights must be finite")
+    if (w <= 0).any():
+        raise LoraError("mean weights must be positive: a zero weight means leaving the source "
+                        "out, and a negative weight has no Fréchet-mean meaning (use the linear or "
+                        "svd merge to subtract a LoRA)")
+    return w / w.sum(-1, keepdim=True)
+
+
+def _sources(bases) -> tuple[torch.Tensor, list[int]]:
+    """Z = [U_1 … U_K] (…, d, R) and the ranks p_k, from a (…, K, d, p) tensor or a list."""
+    if isinstance(bases, torch.Tensor):
+        if bases.dim() < 3:
+            raise LoraError(f"bases must be (…, K, d, p), got {tuple(bases.shape)}")
+        *lead, k, d, p = bases.shape
+        return bases.movedim(-3, -2).reshape(*lead, d, k * p), [p] * k
+    if not bases:
+        raise LoraError("no subspaces to average")
+    return torch.cat(list(bases), -1), [int(b.shape[-1]) for b in bases]
+
+
+@dataclass
+class Gram:
+    """The stacked sources Z, their Gram ZᵀZ (…, R, R) and each column's source."""
+
+    z: torch.Tensor
+    gram: torch.Tensor
+    ranks: list[int]
+
+    @classmethod
+    def of(cls, bases) -> "Gram":
+        z, ranks = _sources(bases)
+        return cls(z, z.transpose(-1, -2) @ z, ranks)
+
+    def column_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """diag(D): w_k repeated p_k times (…, R)."""
+        idx = torch.repeat_interleave(torch.arange(len(self.ranks), device=w.device),
+                                      torch.tensor(self.ranks, device=w.device))
+        return w[..., idx]
+
+    def eig(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eigenvalues λ (…, R), descending, of Σ w_k U_kU_kᵀ, the eigenvectors
+        (…, R, R) of D^½ZᵀZD^½ and √diag(D)."""
+        sq = self.column_weights(w).clamp_min(0).sqrt()
+        lam, vec = torch.linalg.eigh(sq.unsqueeze(-1) * self.gram * sq.unsqueeze(-2))
+        return lam.flip(-1).clamp_min(0), vec.flip(-1), sq
+
+    def top(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-p eigenvectors of Σ w_k U_kU_kᵀ as R×p coefficients on Z (so the basis is
+        Z·coef, orthonormal) and all eigenvalues, descending."""
+        lam, vec, sq = self.eig(w)
+        if p > lam.shape[-1]:
+            raise LoraError(f"rank {p} is more than the {lam.shape[-1]} directions the sources span")
+        tiny = torch.finfo(lam.dtype).eps * lam[..., :1].clamp_min(torch.finfo(lam.dtype).tiny)
+        if bool((lam[..., p - 1:p] <= tiny).any()):
+            raise LoraError(f"the sources span fewer than {p} directions: no rank-{p} mean")
+        return sq.unsqueeze(-1) * vec[..., :p] / lam[..., :p].sqrt().unsqueeze(-2), lam
+
+    def basis(self, coef: torch.Tensor) -> torch.Tensor:
+        return orthonormalize(self.z @ coef)
+
+    def chordal_distances(self, coef: torch.Tensor) -> torch.Tensor:
+        """d_chordal(Z·coef, U_k) (…, K): √(min(p, p_k) − ‖XᵀU_k‖²_F)."""
+        xu = coef.transpose(-1, -2) @ self.gram          # XᵀZ (…, p, R)
+        p = coef.shape[-1]
+        out, start = [], 0
+        for r in self.ranks:
+            cos2 = (xu[..., start:start + r] ** 2).sum((-1, -2))
+            out.append((min(p, r) - cos2).clamp_min(0).sqrt())
+            start += r
+        return torch.stack(out, -1)
+
+
+@dataclass
+class FlagMean:
+    """mean (…, d, p); consensus = all eigenvalues of Σ w_k U_kU_kᵀ (…, R), descending;
+    unique = relative eigen-gap (λ_p − λ_{p+1})/λ_1 above EIGENGAP_RTOL."""
+
+    mean: torch.Tensor
+    consensus: torch.Tensor
+    unique: torch.Tensor
+
+
+EIGENGAP_RTOL = 1e-8
+
+
+def _gap(lam: torch.Tensor, p: int) -> torch.Tensor:
+    nxt = lam[..., p] if lam.shape[-1] > p else torch.zeros_like(lam[..., 0])
+    return (lam[..., p - 1] - nxt) / lam[..., 0] > EIGENGAP_RTOL
+
+
+def flag_mean(bases, weights, p: int | None = None) -> FlagMean:
+    """Weighted flag (chordal, extrinsic) mean of rank p (default: the smallest source
+    rank). bases: (…, K, d, p) or a list of K tensors (…, d, p_k) of any ranks."""
+    g = Gram.of(bases)
+    w = check_weights(weights, len(g.ranks), g.z)
+    p = min(g.ranks) if p is None else p
+    coef, lam = g.top(w, p)
+    return FlagMean(g.basis(coef), lam, _gap(lam, p))
+
+
+def consensus_rank(consensus: torch.Tensor) -> torch.Tensor:
+    """How many directions a weighted majority of the sources share: the count of
+    eigenvalues of Σ w_k U_kU_kᵀ (Σ w_k = 1) above ½ (…,). May be 0: no direction
+    is held by sources of more than half the total weight."""
+    return (consensus > 0.5).sum(-1)
+
+
+@dataclass
+class FlagMedian:
+    """mean (…, d, p); objective Σ w_k d_chordal (…,); iterations of IRLS (…,);
+    converged = relative decrease below tol before max_iter; distances (…, K);
+    consensus = eigenvalues of Σ w_k U_kU_kᵀ with the user's weights."""
+
+    mean: torch.Tensor
+    objective: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    distances: torch.Tensor
+    consensus: torch.Tensor
+
+
+def flag_median(bases, weights, p: int | None = None, tol: float = MEDIAN_TOL, max_iter: int = 100,
+                eps: float = MEDIAN_EPS) -> FlagMedian:
+    """Weighted flag median by IRLS (Mankovich et al. 2022, Alg. 1), batched, started
+    from the flag mean. Each step is the flag mean with weights w_k / max(d_k, eps),
+    which never increases Σ w_k d_k (a majorisation step); it stops per batch element
+    when the relative decrease falls below tol."""
+    g = Gram.of(bases)
+    w = check_weights(weights, len(g.ranks), g.z)
+    p = min(g.ranks) if p is None else p
+    coef, lam = g.top(w, p)
+    dist = g.chordal_distances(coef)
+    obj = (w * dist).sum(-1)
+    its = torch.zeros(obj.shape, dtype=torch.long, device=obj.device)
+    done = torch.zeros(obj.shape, dtype=torch.bool, device=obj.device)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        a = w / dist.clamp_min(eps)
+        c_coef, _ = g.top(a / a.sum(-1, keepdim=True), p)
+        c_dist = g.chordal_distances(c_coef)
+        c_obj = (w * c_dist).sum(-1)
+        better = ~done & (c_obj <= obj)
+        done = done | ~better | (obj - c_obj <= tol * obj.clamp_min(torch.finfo(obj.dtype).tiny))
+        coef = torch.where(better[..., None, None], c_coef, coef)
+        dist = torch.where(better.unsqueeze(-1), c_dist, dist)
+        obj = torch.where(better, c_obj, obj)
+        its += better.long()
+    return FlagMedian(g.basis(coef), obj, its, done, dist, lam)
