@@ -1,17 +1,32 @@
-"""Means of subspaces on the Grassmann manifold Gr(p, d): Log/Exp maps, the
-extrinsic (chordal) mean and the weighted Karcher (Fréchet) mean.
+"""The weighted Karcher (Fréchet) mean of subspaces on Gr(p, d), converged for
+any spread, with a certificate of what was reached.
 
 A point is an orthonormal basis X (d×p); only its span matters. Everything is
 batched over leading dimensions (modules of equal shape stacked together):
-bases (…, K, d, p), weights (K,) or (…, K). Nothing here forms a d×d matrix
-or inverts XᵀY, and small angles keep their digits (θ = atan2(sin, cos), as
-in core.grassmann). The mean is computed in coordinates of span(U_1 … U_K):
-one QR of the stacked bases, O(d·(Kp)²), then O(K·Kp·p²) a step whatever d.
+bases (…, K, d, p), weights (K,) or (…, K), normalised to Σ w_k = 1.
 
-References: Edelman–Arias–Smith 1998; Absil–Mahony–Sepulchre 2004;
-Bendokat–Zimmermann–Absil, arXiv 2011.13699 (formulas); Afsari 2011
-(uniqueness within a geodesic ball of radius π/4 on Gr, whose sectional
-curvature lies in [0, 2]).
+The mean lives in span(U_1 … U_K) (Log_X(U_k) ∈ span(X, U_k), Exp_X(H) ∈
+span(X, H)), so it is computed on Gr(p, R), R = Kp, in coordinates of one QR
+of the stacked bases, O(d·R²), then lifted once; every step costs O(K·R·p²)
+whatever d.
+
+The method is a Riemannian trust-region Newton iteration (Absil, Baker &
+Gallivan 2007) with truncated CG (Steihaug–Toint) on the exact Hessian of
+f(X) = ½Σ w_k d_geo²(X, U_k) (core.grassmann.SqDistanceHessian), from
+the extrinsic (flag) mean. Far-apart sources make f flat or non-convex in
+some directions; plain or Barzilai–Borwein gradient descent then crawls
+(measured: stuck at ‖grad‖ ≈ 2e-2 after 50 steps for unrelated rank-64 LoRAs)
+where Newton steps converge quadratically and the trust region handles the
+negative curvature. It stops on ‖grad f‖ ≤ tol, never on a change of basis.
+
+At the result the smallest eigenvalue of the Riemannian Hessian is reported
+twice: a lower bound Σ w_k·min_α α·cot α (Weyl; > 0 certifies a strict local
+minimum) and a Lanczos estimate (an upper bound on it; > 0 says local minimum,
+< 0 a saddle).
+
+References: Edelman–Arias–Smith 1998; Absil–Mahony–Sepulchre 2004, 2008;
+Bendokat–Zimmermann–Absil, arXiv 2011.13699; Afsari 2011 (uniqueness within a
+geodesic ball of radius π/4 on Gr, sectional curvature in [0, 2]).
 """
 from __future__ import annotations
 
@@ -21,7 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraError
-from .grassmann import principal_angles
+from .grassmann import (SqDistanceHessian, grassmann_exp, grassmann_log, log_frame, principal_angles,
+                        tangent_projection)
+from .means import Gram, check_weights, flag_mean
 
 # The π/4 of Afsari 2011 (½·min(injectivity radius π/2, π/√(max curvature 2))).
 # Two readings, both reported:
@@ -30,122 +47,20 @@ from .grassmann import principal_angles
 #    where 64 angles of 0.1 rad already give 0.8);
 #  - unique: all sources within a largest principal angle < π/4 of the mean. The
 #    Hessian of ½d²(·, U) has eigenvalues α·cot α over the roots α ∈ {θ_i ± θ_j,
-#    θ_i} of Gr(p, d) (restricted root system B_p), all positive when θ_max < π/4,
-#    so every term is strictly convex around the mean and it is an isolated
-#    minimum; beyond that the cost stops being convex and means multiply.
+#    θ_i} of Gr(p, d), all positive when θ_max < π/4, so every term is strictly
+#    convex around the mean and it is an isolated minimum; beyond that the cost
+#    stops being convex and means multiply.
 UNIQUE_RADIUS = math.pi / 4
 DISTANCES = ("geodesic", "chordal")   # Fréchet means offered (see karcher_mean)
-ARMIJO = 1e-4                 # sufficient-decrease constant of the line search
-NONMONOTONE_MEMORY = 8        # the Armijo test compares with the worst of the last 8 costs
-BB_RANGE = (1e-2, 1e2)        # Barzilai–Borwein step kept within these bounds
-MIN_STEP = 2.0 ** -30         # a step halved below this means the iteration has stalled
-ROUNDING_SLACK = 1e-12        # relative cost change treated as rounding noise
-EIGENGAP_RTOL = 1e-8          # chordal mean unique when (λ_p − λ_{p+1})/λ_1 exceeds this
+RHO_ACCEPT = 0.1              # a step is taken when it achieves this share of the model's decrease
+INNER_KAPPA = 0.1             # tCG stops at ‖r‖ ≤ ‖g‖·min(‖g‖, κ): superlinear outer convergence
+MAX_INNER = 400               # Hessian-vector products per tCG solve at most
+LANCZOS_STEPS = 24            # Hessian-vector products for the smallest-eigenvalue estimate
 DETERMINISTIC_CHOICE = (
     "two sources: the point at fraction t = w2/(w1+w2) on the geodesic from the first "
-    "source chosen by the SVD of U1ᵀU2; more sources: the point reached by gradient "
-    "descent (Barzilai–Borwein steps, nonmonotone Armijo search, at most max_iter "
-    "gradient evaluations) from the extrinsic (chordal) mean, whose ties between equal "
-    "eigenvalues are broken by the eigensolver's order")
-
-
-def _t(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(-1, -2)
-
-
-def _orthonormalize(x: torch.Tensor) -> torch.Tensor:
-    """Q of a thin QR with R's diagonal made positive, so that a nearly
-    orthonormal x keeps its columns (and their signs): tangent vectors
-    transported between iterates must refer to matching columns."""
-    q, r = torch.linalg.qr(x)
-    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
-    return q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
-
-
-def _project(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(I − XXᵀ)V: onto the tangent space at X (also the vector transport we use)."""
-    return v - x @ (_t(x) @ v)
-
-
-def grassmann_log(x: torch.Tensor, y: torch.Tensor, return_angles: bool = False):
-    """Log_X(Y): the tangent H at X (XᵀH = 0) with Exp_X(H) = span(Y), ‖H‖_F = d_geo.
-
-    XᵀY = P·cosΘ·Qᵀ (p×p SVD). The columns of (I − XXᵀ)YQ = YQ − X(XᵀY)Q are
-    mutually orthogonal with norms sin θ, so θ = atan2(sin, cos) is accurate
-    at both ends and Log = (I − XXᵀ)YQ·diag(θ/sin θ)·Pᵀ. At θ = π/2 the
-    geodesic is not unique; the SVD's choice is taken (finite, deterministic).
-    With return_angles also the principal angles θ (…, p), ascending.
-    """
-    m = _t(x) @ y
-    p, cos, qh = torch.linalg.svd(m)
-    q = _t(qh)
-    resid = y @ q - x @ (m @ q)
-    sin = torch.linalg.vector_norm(resid, dim=-2)
-    theta = torch.atan2(sin, cos.clamp(0.0, 1.0))
-    tiny = torch.finfo(x.dtype).tiny
-    # θ/sin θ → 1 as θ → 0; the column itself is ~0 there anyway.
-    ratio = torch.where(sin > tiny, theta / sin.clamp_min(tiny), torch.ones_like(sin))
-    log = (resid * ratio.unsqueeze(-2)) @ _t(p)
-    return (log, theta) if return_angles else log
-
-
-def grassmann_exp(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Exp_X(H) = X·V·cosΣ·Vᵀ + U·sinΣ·Vᵀ with H = UΣVᵀ, re-orthonormalised.
-
-    Written as X·cos(√(HᵀH)) + H·sinc(√(HᵀH)): both are analytic functions of
-    the p×p matrix HᵀH = VΣ²Vᵀ, so one eigh of it replaces the thin SVD of
-    the d×p H (U·sinΣ = H·V·diag(sinΣ/Σ)) without losing digits for small Σ,
-    and any eigenbasis of repeated Σ gives the same result.
-    """
-    lam, v = torch.linalg.eigh(_t(h) @ h)
-    s = lam.clamp_min(0.0).sqrt()
-    small = s < 1e-4
-    sinc = torch.where(small, 1.0 - s * s / 6.0, torch.sin(s) / torch.where(small, torch.ones_like(s), s))
-    y = (x @ v) * torch.cos(s).unsqueeze(-2) + (h @ v) * sinc.unsqueeze(-2)
-    return _orthonormalize(y @ _t(v))
-
-
-def _check_weights(weights: torch.Tensor | list | tuple, k: int, like: torch.Tensor) -> torch.Tensor:
-    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
-    if w.shape[-1] != k:
-        raise LoraError(f"{w.shape[-1]} weight(s) for {k} subspaces")
-    if not torch.isfinite(w).all():
-        raise LoraError("subspace weights must be finite")
-    if (w <= 0).any():
-        raise LoraError("Karcher/extrinsic mean weights must be positive: a zero weight means "
-                        "leaving the source out, and a negative weight has no Fréchet-mean "
-                        "meaning (use the linear or svd merge to subtract a LoRA)")
-    # The minimiser of Σ w_k d²(X, U_k) does not change when all weights are
-    # scaled; normalising to Σ w = 1 makes X ← Exp_X(Σ w_k Log_X U_k) the natural
-    # (Newton-like for nearby points) step and keeps tolerances scale-free.
-    return w / w.sum(-1, keepdim=True)
-
-
-def _stack_weighted(bases: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Z = [√w_1 U_1, …, √w_K U_K] (…, d, K·p), so that ZZᵀ = Σ w_k U_kU_kᵀ."""
-    z = bases * w.sqrt()[..., None, None]
-    *lead, k, d, p = z.shape
-    return z.movedim(-3, -2).reshape(*lead, d, k * p)
-
-
-def _extrinsic(bases: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p eigenvectors of Σ w_k U_kU_kᵀ and the relative eigen-gap (λ_p − λ_{p+1})/λ_1."""
-    p = bases.shape[-1]
-    z = _stack_weighted(bases, w)
-    lam, vec = torch.linalg.eigh(_t(z) @ z)            # Kp×Kp, ascending; same nonzero spectrum as ZZᵀ
-    lam, vec = lam.flip(-1), vec.flip(-1)
-    top = lam[..., :p].clamp_min(torch.finfo(z.dtype).tiny)
-    mean = _orthonormalize((z @ vec[..., :p]) / top.sqrt().unsqueeze(-2))
-    nxt = lam[..., p] if lam.shape[-1] > p else torch.zeros_like(lam[..., 0])
-    return mean, (lam[..., p - 1] - nxt) / lam[..., 0]
-
-
-def extrinsic_mean(bases: torch.Tensor, weights) -> torch.Tensor:
-    """The extrinsic (chordal) mean: span of the top-p eigenvectors of Σ w_k U_kU_kᵀ,
-    from the (Kp×Kp) Gram matrix of the stacked √w_k·U_k. It is the Fréchet mean
-    under the chordal distance √Σsin²θ and the starting point of karcher_mean."""
-    w = _check_weights(weights, bases.shape[-3], bases)
-    return _extrinsic(bases, w)[0]
+    "source chosen by the SVD of U1ᵀU2; more sources: the critical point reached by the "
+    "Riemannian trust-region Newton iteration from the extrinsic (flag) mean, whose ties "
+    "between equal eigenvalues are broken by the eigensolver's order")
 
 
 @dataclass
@@ -156,7 +71,11 @@ class KarcherResult:
     source to the mean; pairwise_* = the same between the sources themselves;
     unique = max_angle < π/4 and afsari = radius < π/4 (see UNIQUE_RADIUS; for
     the chordal mean unique = a nonzero eigen-gap λ_p > λ_{p+1});
-    converged = grad_norm ≤ tol; iterations = gradient evaluations.
+    converged = grad_norm ≤ tol; iterations = Newton (outer) steps, each one
+    gradient evaluation; hess_products = Hessian-vector products in all tCG
+    solves; hessian_lower ≤ λ_min(Hess f) ≤ hessian_min (Weyl bound, Lanczos
+    estimate); local_min = hessian_min > 0 (certified when hessian_lower > 0);
+    consensus = eigenvalues of Σ w_k U_kU_kᵀ (Σ w = 1), descending (…, Kp).
     """
 
     mean: torch.Tensor
@@ -169,16 +88,154 @@ class KarcherResult:
     unique: torch.Tensor
     afsari: torch.Tensor
     converged: torch.Tensor
+    hess_products: torch.Tensor
+    hessian_lower: torch.Tensor
+    hessian_min: torch.Tensor
+    local_min: torch.Tensor
+    consensus: torch.Tensor
     distance: str = "geodesic"
     choice: str = DETERMINISTIC_CHOICE
 
 
-def _logs(x: torch.Tensor, bases: torch.Tensor, w: torch.Tensor):
-    """Riemannian descent direction Σ w_k Log_X(U_k), cost ½Σ w_k d², and the angles."""
-    logs, theta = grassmann_log(x.unsqueeze(-3), bases, return_angles=True)
-    grad = (logs * w[..., None, None]).sum(-3)
-    cost = 0.5 * (w * (theta * theta).sum(-1)).sum(-1)
-    return grad, cost, theta
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum((-2, -1))
+
+
+class _Cost:
+    """f(X) = ½Σ w_k d_geo²(X, U_k) at one iterate (batched): the log frames of
+    every source, the cost, the Riemannian gradient −Σ w_k Log_X U_k and the
+    Hessian (a map on tangents)."""
+
+    def __init__(self, x: torch.Tensor, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 w: torch.Tensor) -> None:
+        self.x, self.frame, self.w = x, frame, w
+        p, self.theta, e = frame
+        self.cost = 0.5 * (w * (self.theta * self.theta).sum(-1)).sum(-1)
+        logs = (e * self.theta.unsqueeze(-2)) @ p.transpose(-1, -2)
+        self.grad = -(logs * w[..., None, None]).sum(-3)
+        self.gnorm = torch.linalg.vector_norm(self.grad, dim=(-2, -1))
+        self.hess = SqDistanceHessian(p, self.theta, e, w)
+
+    @classmethod
+    def at(cls, x: torch.Tensor, coords: torch.Tensor, w: torch.Tensor) -> "_Cost":
+        return cls(x, log_frame(x.unsqueeze(-3), coords), w)
+
+    def where(self, take: torch.Tensor, other: "_Cost") -> "_Cost":
+        """Per batch element: self where take, else other."""
+        def pick(a, b):
+            return torch.where(take.reshape(take.shape + (1,) * (a.dim() - take.dim())), a, b)
+        return _Cost(pick(self.x, other.x), tuple(pick(a, b) for a, b in zip(self.frame, other.frame)), self.w)
+
+
+def _boundary_step(eta, d, delta):
+    """τ ≥ 0 with ‖η + τd‖ = Δ."""
+    ee, ed, dd = _inner(eta, eta), _inner(eta, d), _inner(d, d)
+    dd = dd.clamp_min(torch.finfo(dd.dtype).tiny)
+    return (-ed + (ed * ed + dd * (delta * delta - ee).clamp_min(0)).sqrt()) / dd
+
+
+def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
+    """Steihaug–Toint truncated CG on the model ⟨g,η⟩ + ½⟨η,Hη⟩ within ‖η‖ ≤ Δ,
+    batched: every element runs its own CG, stopped elements are frozen. The
+    residual target ‖g‖·min(‖g‖, κ) gives quadratic convergence; below tol/2 it
+    is not needed (the next gradient is the residual plus O(‖η‖²)).
+    Returns η, Hη and the Hessian-vector products used per element."""
+    g = f.grad
+    eta, heta = torch.zeros_like(g), torch.zeros_like(g)
+    r = g.clone()
+    rr = _inner(r, r)
+    d = -r
+    target = (f.gnorm * f.gnorm.clamp_max(INNER_KAPPA)).clamp_min(0.5 * tol)
+    running = active.clone()
+    products = torch.zeros_like(f.gnorm, dtype=torch.long)
+    for _ in range(MAX_INNER):
+        if not bool(running.any()):
+            break
+        hd = f.hess(d)
+        products += running.long()
+        dhd = _inner(d, hd)
+        alpha = rr / torch.where(dhd > 0, dhd, torch.ones_like(dhd))
+        trial = eta + alpha[..., None, None] * d
+        outside = (dhd <= 0) | (_inner(trial, trial) >= delta * delta)
+        step = torch.where(outside, _boundary_step(eta, d, delta), alpha)
+        step = torch.where(running, step, torch.zeros_like(step))[..., None, None]
+        eta = eta + step * d
+        heta = heta + step * hd
+        r = r + step * hd
+        running = running & ~outside
+        rr_new = _inner(r, r)
+        running = running & (rr_new.sqrt() > target)
+        beta = rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny)
+        d = torch.where(running[..., None, None], tangent_projection(f.x, -r + beta[..., None, None] * d), d)
+        rr = torch.where(running, rr_new, rr)
+    return eta, heta, products
+
+
+def _trust_region(x, coords, w, tol, max_iter):
+    """Riemannian trust-region Newton iteration (batched). Returns the final
+    _Cost, outer steps and Hessian-vector products per element."""
+    f = _Cost.at(x, coords, w)
+    p = x.shape[-1]
+    delta_max = math.sqrt(p) * math.pi / 2        # the diameter of Gr(p, ·)
+    delta = torch.full_like(f.cost, delta_max / 8)
+    steps = torch.zeros_like(f.cost, dtype=torch.long)
+    products = torch.zeros_like(steps)
+    eps = torch.finfo(x.dtype).eps
+    while True:
+        active = (f.gnorm > tol) & (steps < max_iter) & (delta > eps)
+        if not bool(active.any()):
+            return f, steps, products
+        eta, heta, used = _tcg(f, delta, active, tol)
+        products += used
+        cand = _Cost.at(grassmann_exp(f.x, eta), coords, w)
+        model = -(_inner(f.grad, eta) + 0.5 * _inner(eta, heta))
+        # Near convergence both decreases are at rounding level; this keeps ρ ≈ 1 there (Manopt's rule).
+        reg = 1e3 * eps * f.cost.abs().clamp_min(1.0)
+        rho = (f.cost - cand.cost + reg) / (model + reg)
+        norm = torch.linalg.vector_norm(eta, dim=(-2, -1))
+        delta = torch.where(active & (rho < 0.25), delta / 4,
+                            torch.where(active & (rho > 0.75) & (norm >= 0.99 * delta),
+                                        (2 * delta).clamp_max(delta_max), delta))
+        take = active & (rho > RHO_ACCEPT) & torch.isfinite(cand.cost)
+        f = cand.where(take, f)
+        steps += active.long()
+
+
+def _lanczos_min(f: _Cost, steps: int = LANCZOS_STEPS) -> torch.Tensor:
+    """Smallest Ritz value of the Riemannian Hessian after `steps` Lanczos steps with
+    full reorthogonalisation, from a fixed pseudo-random start (deterministic). An
+    element whose Krylov space closes early (an invariant subspace: exact Ritz
+    values) keeps its tridiagonal block; the unused rows repeat its first Rayleigh
+    quotient, which cannot lower the minimum."""
+    gen = torch.Generator().manual_seed(20240601)
+    v = torch.randn(f.x.shape, generator=gen, dtype=f.x.dtype).to(f.x.device)
+    v = tangent_projection(f.x, v)
+    steps = max(1, min(steps, f.x.shape[-2] * f.x.shape[-1] - f.x.shape[-1] ** 2))
+    v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True)
+    basis, alphas, betas = [v], [], []
+    closed = torch.zeros_like(f.cost, dtype=torch.bool)
+    for j in range(steps):
+        hv = f.hess(basis[-1])
+        alpha = _inner(basis[-1], hv)
+        alphas.append(torch.where(closed, alphas[0], alpha) if alphas else alpha)
+        for b in basis:            # full reorthogonalisation, twice is enough
+            hv = hv - _inner(b, hv)[..., None, None] * b
+        for b in basis:
+            hv = hv - _inner(b, hv)[..., None, None] * b
+        # dividing by a small β amplifies rounding off the tangent space: project it out
+        hv = tangent_projection(f.x, hv)
+        if j == steps - 1:
+            break
+        beta = torch.linalg.vector_norm(hv, dim=(-2, -1))
+        closed = closed | (beta <= 1e-10 * alphas[0].abs().clamp_min(1.0))
+        betas.append(torch.where(closed, torch.zeros_like(beta), beta))
+        basis.append(torch.where(closed[..., None, None], torch.zeros_like(hv),
+                                 hv / beta.clamp_min(torch.finfo(beta.dtype).tiny)[..., None, None]))
+    t = torch.diag_embed(torch.stack(alphas, -1))
+    if betas:
+        off = torch.diag_embed(torch.stack(betas, -1), offset=1)
+        t = t + off + off.transpose(-1, -2)
+    return torch.linalg.eigvalsh(t)[..., 0]
 
 
 def _pairwise(bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +251,8 @@ def _pairwise(bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _span_coordinates(bases: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """An orthonormal basis Q (…, d, Kp) of span(U_1 … U_K) and the coordinates
-    C_k = QᵀU_k (…, K, Kp, p), or (None, bases) when Kp ≥ d.
-
-    Log_X(U_k) lies in span(X, U_k) and Exp_X(H) in span(X, H), so from a start
-    inside the span every iterate stays there: the mean is computed on
-    Gr(p, Kp) at a cost independent of d, with the same angles (Q is an isometry).
-    """
+    C_k = QᵀU_k (…, K, Kp, p), or (None, bases) when Kp ≥ d. Q is an isometry
+    onto the span, so angles, costs and gradients are the same in coordinates."""
     *lead, k, d, p = bases.shape
     if k * p >= d:
         return None, bases
@@ -207,65 +260,18 @@ def _span_coordinates(bases: torch.Tensor) -> tuple[torch.Tensor | None, torch.T
     return q, r.reshape(*lead, k * p, k, p).movedim(-2, -3)
 
 
-def _descend(x, coords, w, tol, max_iter):
-    """Riemannian gradient descent with Barzilai–Borwein steps and a nonmonotone
-    Armijo test (Iannazzo & Porcelli 2018), per batch element.
-
-    Far-apart sources make the cost nearly flat in some directions, where the
-    plain step X ← Exp_X(Σ w_k Log_X U_k) crawls; BB steps adapt to that
-    curvature and the line search (step halved on failure) keeps the cost
-    going down. A step is also taken when the cost is level to rounding and
-    the gradient shrinks, so the iteration reaches the rounding floor.
-    Returns x, gradient, angles, number of gradient evaluations.
-    """
-    grad, cost, theta = _logs(x, coords, w)
-    gnorm = torch.linalg.vector_norm(grad, dim=(-2, -1))
-    step = torch.ones_like(gnorm)
-    history = cost.unsqueeze(-1).repeat_interleave(NONMONOTONE_MEMORY, -1)
-    evals = torch.zeros_like(gnorm, dtype=torch.long)
-    while True:
-        active = (gnorm > tol) & (evals < max_iter) & (step >= MIN_STEP)
-        if not bool(active.any()):
-            break
-        cand = grassmann_exp(x, grad * step[..., None, None])
-        c_grad, c_cost, c_theta = _logs(cand, coords, w)
-        c_gnorm = torch.linalg.vector_norm(c_grad, dim=(-2, -1))
-        slack = ROUNDING_SLACK * cost.abs().clamp_min(1.0)
-        ok = active & ((c_cost <= history.amax(-1) - ARMIJO * step * gnorm * gnorm)
-                       | ((c_cost <= cost + slack) & (c_gnorm < gnorm)))
-        # BB step ⟨s,s⟩/⟨s,y⟩ with s = the step and y = the change of ∇f = −grad,
-        # both moved to the new point by projection.
-        s = _project(cand, grad * step[..., None, None])
-        y = _project(cand, grad) - c_grad
-        sy = (s * y).sum((-2, -1))
-        bb = torch.where(sy > 0, (s * s).sum((-2, -1)) / torch.where(sy > 0, sy, torch.ones_like(sy)),
-                         torch.ones_like(sy)).clamp(BB_RANGE[0], BB_RANGE[1])
-        okm = ok[..., None, None]
-        x = torch.where(okm, cand, x)
-        grad = torch.where(okm, c_grad, grad)
-        theta = torch.where(okm, c_theta, theta)
-        cost = torch.where(ok, c_cost, cost)
-        gnorm = torch.where(ok, c_gnorm, gnorm)
-        history = torch.where(ok.unsqueeze(-1), torch.cat([history[..., 1:], c_cost.unsqueeze(-1)], -1),
-                              history)
-        step = torch.where(ok, bb, torch.where(active, step / 2, step))
-        evals += active.long()
-    return x, grad, theta, evals
-
-
 def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_iter: int = 50,
                  distance: str = "geodesic") -> KarcherResult:
     """Weighted Fréchet mean of K points on Gr(p, d), batched: bases (…, K, d, p).
 
     distance="geodesic" (the Karcher mean): minimises ½Σ w_k d_geo²(X, U_k) by
-    Riemannian gradient descent from the extrinsic mean (see _descend), and
-    stops on the gradient norm ‖Σ w_k Log_X U_k‖_F ≤ tol, never on a change of
-    basis; iterations = gradient evaluations, at most max_iter. Two sources:
-    the closed form Exp_{U1}(t·Log_{U1}U2), t = w2/(w1+w2), no iteration.
-    distance="chordal": the mean under √Σsin²θ, which is exactly the extrinsic
-    mean. The other distances of core.measures have no mean offered here.
+    the trust-region Newton iteration (module docstring) from the flag mean,
+    stops on ‖grad‖ ≤ tol or after max_iter Newton steps. Two sources: the
+    closed form Exp_{U1}(t·Log_{U1}U2), t = w2/(w1+w2), no iteration.
+    distance="chordal": the mean under √Σsin²θ, which is exactly the flag
+    (extrinsic) mean, core.means.flag_mean. Other distances have no mean here.
 
-    Weights must be positive (any scale; normalised). tol defaults to 1e-10 rad
+    Weights must be positive (any scale; normalised). tol defaults to 1e-8 rad
     in float64, 1e-5 in float32. Outside the π/4 ball the mean is not unique;
     the result is still a finite orthonormal basis, by DETERMINISTIC_CHOICE.
     """
@@ -274,30 +280,40 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
                         f"{', '.join(DISTANCES)})")
     if bases.dim() < 3 or bases.shape[-1] > bases.shape[-2]:
         raise LoraError(f"bases must be (…, K, d, p) with p ≤ d, got {tuple(bases.shape)}")
-    w = _check_weights(weights, bases.shape[-3], bases).expand(bases.shape[:-2])
+    w = check_weights(weights, bases.shape[-3], bases).expand(bases.shape[:-2])
     if tol is None:
-        tol = 1e-10 if bases.dtype == torch.float64 else 1e-5
+        tol = 1e-8 if bases.dtype == torch.float64 else 1e-5
     span, coords = _span_coordinates(bases)
-    x, gap = _extrinsic(coords, w)
-    evals = torch.zeros(bases.shape[:-3], dtype=torch.long, device=bases.device)
+    p = bases.shape[-1]
+    gram = Gram.of(coords)
+    coef, consensus = gram.top(w, p)
+    x = gram.basis(coef)
+    steps = products = torch.zeros(bases.shape[:-3], dtype=torch.long, device=bases.device)
     if distance == "chordal":
+        f = _Cost.at(x, coords, w)
         # Riemannian gradient of ½Σ w_k ‖XXᵀ − U_kU_kᵀ‖²_F: −(I − XXᵀ)(Σ w_k U_kU_kᵀ)X, zero at the mean.
-        z = _stack_weighted(coords, w)
-        gnorm = torch.linalg.vector_norm(_project(x, z @ (_t(z) @ x)), dim=(-2, -1))
-        theta = grassmann_log(x.unsqueeze(-3), coords, return_angles=True)[1]
-        unique = gap > EIGENGAP_RTOL
+        z = gram.z * gram.column_weights(w).sqrt().unsqueeze(-2)
+        gnorm = torch.linalg.vector_norm(tangent_projection(x, z @ (z.transpose(-1, -2) @ x)), dim=(-2, -1))
+        unique = flag_mean(coords, w, p).unique
+        lower = hmin = torch.full_like(gnorm, math.nan)
+        local = unique
     else:
         if coords.shape[-3] == 2:
             u1, u2 = coords[..., 0, :, :], coords[..., 1, :, :]
             x = grassmann_exp(u1, w[..., 1, None, None] * grassmann_log(u1, u2))
             max_iter = 0
-        x, grad, theta, evals = _descend(x, coords, w, tol, max_iter)
-        gnorm = torch.linalg.vector_norm(grad, dim=(-2, -1))
+        f, steps, products = _trust_region(x, coords, w, tol, max_iter)
+        x, gnorm = f.x, f.gnorm
+        lower = f.hess.lower_bound()
+        hmin = _lanczos_min(f)
+        local = (hmin > 0) | (lower > 0)
+    theta = f.theta
     radius = torch.linalg.vector_norm(theta, dim=-1).amax(-1)
     max_angle = theta.amax((-1, -2))
     if distance == "geodesic":
         unique = max_angle < UNIQUE_RADIUS
     pair_dist, pair_angle = _pairwise(coords)
     mean = x if span is None else span @ x
-    return KarcherResult(mean, evals, gnorm, radius, max_angle, pair_dist, pair_angle,
-                         unique, radius < UNIQUE_RADIUS, gnorm <= tol, distance)
+    return KarcherResult(mean, steps, gnorm, radius, max_angle, pair_dist, pair_angle,
+                         unique, radius < UNIQUE_RADIUS, gnorm <= tol, products, lower, hmin,
+                         local, consensus)
