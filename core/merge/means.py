@@ -1,9 +1,24 @@
-"""karcher: U*, V* = weighted Karcher means of the sources' top-p column and
-row spaces on Gr(p, d_out), Gr(p, d_in) (core.karcher); core
-M = Σ w_k U*ᵀΔW_k V* (p×p, from factors) = P·S·Qᵀ; up = U*·P·√S,
-down = √S·Qᵀ·V*ᵀ, alpha = p (scale 1). distance="chordal" uses the chordal
-(extrinsic) mean instead. Runs in the job's frames; jobs of one coordinate
-shape can be stacked into one batched call (karcher_batch)."""
+"""The geometric means: U*, V* = a mean of the sources' column spaces on
+Gr(p, d_out) and of their row spaces on Gr(p, d_in); core M = Σ w_k U*ᵀΔW_k V*
+(p×p, from factors) = P·S·Qᵀ; up = U*·P·√S, down = √S·Qᵀ·V*ᵀ, alpha = p
+(scale 1). Runs in the job's frames.
+
+- karcher: the weighted Karcher mean of each source's top-p singular space
+  (core.karcher: trust-region Newton, converged for any spread); jobs of one
+  coordinate shape can be stacked into one batched call (karcher_batch).
+  distance="chordal" takes the chordal (flag) mean of the same top-p spaces.
+- chordal: the flag mean of each source's whole (effective-rank) singular
+  spaces, so sources of different ranks count with all their directions
+  (core.means.flag_mean); closed form.
+- flag-median: the robust chordal median of the same spaces by IRLS
+  (core.means.flag_median): one outlier LoRA does not drag the result.
+
+Rank "auto" (consensus rank): the directions a weighted majority of the
+sources share, min over the two sides of the number of eigenvalues of
+Σ w_k U_kU_kᵀ (Σ w = 1) above ½, at least 1. Every side reports those
+eigenvalues (the leading ones) as a consensus measure: ≈1 for a direction all
+sources hold, ≈w_k for one only source k holds.
+"""
 from __future__ import annotations
 
 import math
@@ -12,8 +27,52 @@ import torch
 
 from ..factored import FactoredSVD
 from ..karcher import KarcherResult, karcher_mean
+from ..means import consensus_rank, flag_mean, flag_median
 from .basis import Job, Merged, split
 from .plan import Options
+
+CONSENSUS_SHOWN = 8      # eigenvalues beyond the merge rank shown per side in the report
+
+
+def _weights(job: Job, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([s.weight for s in job.sources], dtype=like.dtype, device=like.device)
+
+
+def _spaces(job: Job, side: str) -> list[torch.Tensor]:
+    return [s.svd.U if side == "U" else s.svd.V for s in job.sources]
+
+
+def _consensus(job: Job, side: str) -> torch.Tensor:
+    """Eigenvalues of Σ w_k U_kU_kᵀ over the sources' whole effective-rank spaces, descending."""
+    spaces = _spaces(job, side)
+    return flag_mean(spaces, _weights(job, spaces[0]), 1).consensus
+
+
+def _rank(job: Job, opts: Options, consensus: dict[str, torch.Tensor]) -> int:
+    """The job's rank, or with rank "auto" the consensus rank (at least 1, at most the
+    smallest source rank: the Karcher mean needs p directions from every source)."""
+    if opts.rank != "auto":
+        return job.rank
+    agreed = min(int(consensus_rank(consensus[side])) for side in ("U", "V"))
+    job.rank = max(1, min(agreed, min(s.rank for s in job.sources)))
+    return job.rank
+
+
+def _consensus_stats(consensus: torch.Tensor, p: int) -> dict:
+    shown = consensus[: p + CONSENSUS_SHOWN]
+    return {"consensus_rank": int(consensus_rank(consensus)),
+            "consensus": [round(float(x), 4) for x in shown]}
+
+
+def _merged(job: Job, u: torch.Tensor, v: torch.Tensor, stats: dict) -> Merged:
+    """The core of the weighted sources between the means, its SVD and the exact error."""
+    core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
+    pp, ss, qh = torch.linalg.svd(core)
+    known = FactoredSVD(u @ pp, ss, v @ qh.T)
+    # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation);
+    # every job here has frames (several sources, a framed method)
+    error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
+    return Merged(*split(known.U, known.S, known.V), stats=stats, known=known, error=error)
 
 
 def karcher(job: Job, opts: Options) -> Merged:
@@ -21,24 +80,22 @@ def karcher(job: Job, opts: Options) -> Merged:
 
 
 def karcher_batch(group: list[Job], opts: Options) -> list[Merged]:
-    """One batch of jobs with equal (d_out, d_in, p, K): means of both sides, then the cores."""
-    p = group[0].rank
-    us = torch.stack([torch.stack([s.svd.U[:, :p] for s in j.sources]) for j in group])
-    vs = torch.stack([torch.stack([s.svd.V[:, :p] for s in j.sources]) for j in group])
-    w = torch.tensor([[s.weight for s in j.sources] for j in group], dtype=us.dtype, device=us.device)
-    ku = karcher_mean(us, w, opts["tol"], opts["max_iter"], opts["distance"])
-    kv = karcher_mean(vs, w, opts["tol"], opts["max_iter"], opts["distance"])
-    out = []
-    for b, job in enumerate(group):
-        u, v = ku.mean[b], kv.mean[b]
-        core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
-        pp, ss, qh = torch.linalg.svd(core)
-        known = FactoredSVD(u @ pp, ss, v @ qh.T)
-        # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation);
-        # every Karcher job has frames (several sources, a framed method)
-        error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
-        out.append(Merged(*split(known.U, known.S, known.V), stats={"U": _side(ku, b), "V": _side(kv, b)},
-                          known=known, error=error))
+    """Jobs with equal (d_out, d_in, K): means of both sides, then the cores. With rank
+    "auto" jobs may end with different ranks: each rank is one batched call."""
+    cons = [{side: _consensus(j, side) for side in ("U", "V")} for j in group]
+    ranks = [_rank(j, opts, c) for j, c in zip(group, cons)]
+    out: list[Merged | None] = [None] * len(group)
+    for p in sorted(set(ranks)):
+        idx = [i for i, r in enumerate(ranks) if r == p]
+        jobs = [group[i] for i in idx]
+        res = {}
+        for side in ("U", "V"):
+            bases = torch.stack([torch.stack([b[:, :p] for b in _spaces(j, side)]) for j in jobs])
+            w = torch.stack([_weights(j, bases) for j in jobs])
+            res[side] = karcher_mean(bases, w, opts["tol"], opts["max_iter"], opts["distance"])
+        for b, i in enumerate(idx):
+            stats = {side: {**_side(res[side], b), **_consensus_stats(cons[i][side], p)} for side in ("U", "V")}
+            out[i] = _merged(group[i], res["U"].mean[b], res["V"].mean[b], stats)
     return out
 
 
@@ -48,4 +105,41 @@ def _side(res: KarcherResult, b: int) -> dict:
             "afsari": bool(res.afsari[b]), "radius": float(res.radius[b]),
             "max_angle_deg": math.degrees(float(res.max_angle[b])),
             "pairwise_max_angle_deg": math.degrees(float(res.pairwise_max_angle[b])),
-            "pairwise_distance": float(res.pairwise_distance[b])}
+            "pairwise_distance": float(res.pairwise_distance[b]),
+            "hess_products": int(res.hess_products[b]),
+            "hessian_min": float(res.hessian_min[b]), "hessian_lower": float(res.hessian_lower[b]),
+            "local_min": bool(res.local_min[b])}
+
+
+def _max_angle_deg(mean: torch.Tensor, spaces: list[torch.Tensor]) -> float:
+    """Largest principal angle between the mean and any source (over min(p, p_k) angles)."""
+    cos = min(float(torch.linalg.svdvals(mean.T @ u).clamp(0, 1).min()) for u in spaces)
+    return math.degrees(math.acos(cos))
+
+
+def chordal(job: Job, opts: Options) -> Merged:
+    cons = {side: _consensus(job, side) for side in ("U", "V")}
+    p = _rank(job, opts, cons)
+    means, stats = {}, {}
+    for side in ("U", "V"):
+        spaces = _spaces(job, side)
+        res = flag_mean(spaces, _weights(job, spaces[0]), p)
+        means[side] = res.mean
+        stats[side] = {"iterations": 0, "grad_norm": 0.0, "converged": True, "unique": bool(res.unique),
+                       "max_angle_deg": _max_angle_deg(res.mean, spaces), **_consensus_stats(cons[side], p)}
+    return _merged(job, means["U"], means["V"], stats)
+
+
+def flag_median_merge(job: Job, opts: Options) -> Merged:
+    cons = {side: _consensus(job, side) for side in ("U", "V")}
+    p = _rank(job, opts, cons)
+    means, stats = {}, {}
+    for side in ("U", "V"):
+        spaces = _spaces(job, side)
+        res = flag_median(spaces, _weights(job, spaces[0]), p, max_iter=opts["max_iter"])
+        means[side] = res.mean
+        angle = _max_angle_deg(res.mean, spaces)
+        stats[side] = {"iterations": int(res.iterations), "grad_norm": 0.0, "converged": bool(res.converged),
+                       "unique": angle < 45.0, "max_angle_deg": angle, "objective": float(res.objective),
+                       **_consensus_stats(cons[side], p)}
+    return _merged(job, means["U"], means["V"], stats)

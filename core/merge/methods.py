@@ -16,7 +16,7 @@ from ..errors import LoraError
 from ..karcher import DISTANCES
 from .basis import Job, Merged
 from .exact import linear, svd
-from .means import karcher, karcher_batch
+from .means import chordal, flag_median_merge, karcher, karcher_batch
 from .plan import Options
 from .ties_dare import dare_full, ties_full
 
@@ -117,11 +117,13 @@ DARE_DROP = Param("dare_drop", 0.5, "dare: probability of dropping each entry (t
 # ------------------------------------------------------------------ the table
 register(Method(
     "karcher", karcher,
-    "weighted Karcher mean of the sources' column and row spaces on the Grassmann manifold, then the "
-    "weighted sum projected onto them; for close versions of one LoRA",
-    "Edelman–Arias–Smith 1998; Absil–Mahony–Sepulchre 2004",
+    "weighted Karcher mean of the sources' column and row spaces on the Grassmann manifold (Newton "
+    "trust-region, converged for any spread), then the weighted sum projected onto them; for close versions "
+    "of one LoRA",
+    "Edelman–Arias–Smith 1998; Absil–Baker–Gallivan 2007",
     (Param("distance", "geodesic", "geodesic (Karcher mean) or chordal (extrinsic mean)", choices=DISTANCES),
-     Param("max_iter", 50, "most gradient evaluations per module side", label="karcher max_iter", low=1),
+     Param("max_iter", 50, "most Newton steps per module side (flag-median: IRLS steps)",
+           label="karcher max_iter", low=1),
      Param("tol", None, "gradient-norm stop (default: core.karcher's)", label="karcher tol", low=0.0,
            low_open=True)),
     framed=True, rank_limit=lambda d_out, d_in, ranks: min(ranks),
@@ -139,3 +141,18 @@ register(Method("ties", ties_full, "TIES on the dense ΔW: trim to the densest e
                 "mean; then rank p", "Yadav et al. 2023, arXiv 2306.01708", (TIES_DENSITY, SEED)))
 register(Method("dare", dare_full, "DARE on the dense ΔW: drop entries at random and rescale by 1/(1−p); "
                 "then rank p", "Yu et al. 2024, arXiv 2311.03099", (DARE_DROP, SEED)))
+register(Method("chordal", chordal, "flag (chordal) mean of the sources' whole column and row spaces, closed "
+                "form, sources of different ranks count with all their directions; then the weighted sum "
+                "projected onto it", "Draper et al. 2014",
+                framed=True, rank_limit=lambda d_out, d_in, ranks: min(d_out, d_in, max(ranks)),
+                rank_reason="a mean of subspaces has no more directions than the largest source",
+                negative_weights="a mean of subspaces has no meaning for negative weights; use the linear or "
+                                 "svd merge to subtract a LoRA"))
+register(Method("flag-median", flag_median_merge, "robust chordal median of the sources' column and row spaces "
+                "(IRLS): one outlier LoRA does not drag the result; then the weighted sum projected onto it",
+                "Mankovich et al. 2022, arXiv 2203.04437",
+                (Param("max_iter", 50, "most IRLS steps per module side", label="flag-median max_iter", low=1),),
+                framed=True, rank_limit=lambda d_out, d_in, ranks: min(d_out, d_in, max(ranks)),
+                rank_reason="a mean of subspaces has no more directions than the largest source",
+                negative_weights="a median of subspaces has no meaning for negative weights; use the linear "
+                                 "or svd merge to subtract a LoRA"))

@@ -80,6 +80,9 @@ class MergeReport:
                 "not_unique": sum(1 for m in mods if m.karcher and
                                   not all(s["unique"] for s in m.karcher.values())),
                 "max_angle_deg": max(s["max_angle_deg"] for s in sides),
+                "not_local_min": sum(1 for m in mods if m.karcher and
+                                     not all(s.get("local_min", True) for s in m.karcher.values())),
+                "consensus_rank_mean": _mean_consensus(mods),
             }
         return out
 
@@ -100,7 +103,7 @@ class MergeReport:
                [f"φ {x}" for x in labels]
         karcher = any(m.karcher for m in self.modules)
         if karcher:
-            head += ["iters", "non-uniq"]
+            head += ["iters", "grad max", "non-uniq", "consensus"]
         rows = []
 
         def row(label: str, mods: list[ModuleReport]) -> list[str]:
@@ -119,8 +122,12 @@ class MergeReport:
             if karcher:
                 its = [s["iterations"] for m in mods if m.karcher for s in m.karcher.values()]
                 cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")
+                grads = [s["grad_norm"] for m in mods if m.karcher for s in m.karcher.values()]
+                cells.append(f"{max(grads):.0e}" if grads else "-")
                 cells.append(str(sum(1 for m in mods if m.karcher and
                                      not all(s["unique"] for s in m.karcher.values()))))
+                cons = _mean_consensus(mods)
+                cells.append(f"{cons:.1f}" if cons is not None else "-")
             return cells
 
         for label, mods in groups.items():
@@ -160,19 +167,27 @@ def source_letters(n: int) -> list[str]:
     return [chr(ord("A") + k) if k < 26 else f"S{k}" for k in range(n)]
 
 
+def _mean_consensus(mods: list[ModuleReport]) -> float | None:
+    """Mean over modules of the consensus rank (directions a weighted majority of the
+    sources share, the smaller of the two sides; core.merge.means)."""
+    ranks = [min(s["consensus_rank"] for s in m.karcher.values()) for m in mods
+             if m.karcher and all("consensus_rank" in s for s in m.karcher.values())]
+    return sum(ranks) / len(ranks) if ranks else None
+
+
 def add_warnings(report: MergeReport) -> None:
     """Warnings drawn from the modules' figures (Karcher statistics, cancelled modules)."""
     bad = [m for m in report.modules if m.karcher and not all(s["unique"] for s in m.karcher.values())]
     if bad:
         worst = max(max(s["max_angle_deg"] for s in m.karcher.values()) for m in bad)
         report.warnings.append(
-            f"Karcher mean not unique in {len(bad)} of {len(report.modules)} module(s): sources lie up "
+            f"{report.method} mean not unique in {len(bad)} of {len(report.modules)} module(s): sources lie up "
             f"to {worst:.0f}° (principal angle) from the mean, beyond the π/4 = 45° ball where it is "
             f"unique (Afsari 2011); deterministic choice: {DETERMINISTIC_CHOICE}")
     slow = [m for m in report.modules if m.karcher and not all(s["converged"] for s in m.karcher.values())]
     if slow:
         grad = max(s["grad_norm"] for m in slow for s in m.karcher.values())
-        report.warnings.append(f"Karcher iteration stopped before the gradient tolerance in {len(slow)} "
+        report.warnings.append(f"{report.method} iteration stopped before its tolerance in {len(slow)} "
                                f"module(s) (largest gradient norm {grad:.1e} rad)")
     if "cancelled" in report.skipped:
         report.warnings.append(f"{len(report.skipped['cancelled'])} module(s) cancel to zero and were left out")
