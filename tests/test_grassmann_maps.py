@@ -11,32 +11,10 @@ from scipy.linalg import subspace_angles
 from core.grassmann import (SqDistanceHessian, grassmann_exp, grassmann_log, log_frame,
                             tangent_projection)
 
-F64 = torch.float64
+from tests.subspace_reference import F64, angles, d_geo, max_angle, near, orth
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def orth(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=F64))[0]
-
-
-def near(base, eps, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(k, *base.shape, generator=g, dtype=F64)
-    return torch.linalg.qr(base + eps * noise)[0]
-
-
-def angles(a, b):
-    return np.sort(subspace_angles(np.asarray(a), np.asarray(b)))
-
-
-def d_geo(a, b):
-    return float(np.linalg.norm(angles(a, b)))
-
-
-def max_angle(a, b):
-    return float(angles(a, b).max())
 
 
 def tangent(x, seed, scale):

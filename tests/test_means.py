@@ -5,23 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.linalg import subspace_angles
 
 from core.errors import LoraError
 from core.means import consensus_rank, flag_mean, flag_median
 
-F64 = torch.float64
+from tests.subspace_reference import F64, max_angle, orth
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def orth(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(*shape, generator=g, dtype=F64))[0]
-
-
-def max_angle(a, b):
-    return float(np.max(subspace_angles(np.asarray(a), np.asarray(b))))
 
 
 def dense_projector_sum(bases, w):

@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.linalg import subspace_angles
 
 from core.lora import LoraFile, LoraModule
 from core.merge import merge
 from core.means import flag_mean, flag_median
 
-F64 = torch.float64
+from tests.subspace_reference import F64, max_angle
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,10 +35,6 @@ def dense_spaces(m):
     u, s, vh = torch.linalg.svd(m.delta().to(F64), full_matrices=False)
     r = int((s > 1e-10 * s[0]).sum())
     return u[:, :r], vh[:r].T
-
-
-def max_angle(a, b):
-    return float(subspace_angles(np.asarray(a), np.asarray(b)).max())
 
 
 def merged_spaces(res, p):

@@ -117,29 +117,31 @@ def _max_angle_deg(mean: torch.Tensor, spaces: list[torch.Tensor]) -> float:
     return math.degrees(math.acos(cos))
 
 
-def chordal(job: Job, opts: Options) -> Merged:
+def _chordal_means(job: Job, opts: Options, mean) -> Merged:
+    """Both sides by a chordal rule on the sources' whole spaces: mean(spaces, w, p)
+    returns (basis, per-side figures)."""
     cons = {side: _consensus(job, side) for side in ("U", "V")}
     p = _rank(job, opts, cons)
     means, stats = {}, {}
     for side in ("U", "V"):
         spaces = _spaces(job, side)
-        res = flag_mean(spaces, _weights(job, spaces[0]), p)
-        means[side] = res.mean
-        stats[side] = {"iterations": 0, "grad_norm": 0.0, "converged": True, "unique": bool(res.unique),
-                       "max_angle_deg": _max_angle_deg(res.mean, spaces), **_consensus_stats(cons[side], p)}
+        means[side], figures = mean(spaces, _weights(job, spaces[0]), p)
+        angle = _max_angle_deg(means[side], spaces)
+        stats[side] = {"grad_norm": 0.0, "unique": angle < 45.0, "max_angle_deg": angle, **figures,
+                       **_consensus_stats(cons[side], p)}
     return _merged(job, means["U"], means["V"], stats)
+
+
+def chordal(job: Job, opts: Options) -> Merged:
+    def mean(spaces, w, p):
+        res = flag_mean(spaces, w, p)
+        return res.mean, {"iterations": 0, "converged": True, "unique": bool(res.unique)}
+    return _chordal_means(job, opts, mean)
 
 
 def flag_median_merge(job: Job, opts: Options) -> Merged:
-    cons = {side: _consensus(job, side) for side in ("U", "V")}
-    p = _rank(job, opts, cons)
-    means, stats = {}, {}
-    for side in ("U", "V"):
-        spaces = _spaces(job, side)
-        res = flag_median(spaces, _weights(job, spaces[0]), p, max_iter=opts["max_iter"])
-        means[side] = res.mean
-        angle = _max_angle_deg(res.mean, spaces)
-        stats[side] = {"iterations": int(res.iterations), "grad_norm": 0.0, "converged": bool(res.converged),
-                       "unique": angle < 45.0, "max_angle_deg": angle, "objective": float(res.objective),
-                       **_consensus_stats(cons[side], p)}
-    return _merged(job, means["U"], means["V"], stats)
+    def mean(spaces, w, p):
+        res = flag_median(spaces, w, p, max_iter=opts["max_iter"])
+        return res.mean, {"iterations": int(res.iterations), "converged": bool(res.converged),
+                          "objective": float(res.objective)}
+    return _chordal_means(job, opts, mean)
