@@ -67,6 +67,17 @@ _DIT_HINTS: dict[str, re.Pattern] = {
     "flux2": re.compile(r"(?:^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d"
                         r"|(?:double|single)_stream_modulation|to_qkv_mlp_proj|time_guidance_embed"
                         r"|transformer_blocks_\d+_attn_(?:add_[qkv]_proj|to_[qkv])$"),
+    # diffusers MM-DiT blocks are shared with Flux; widths decide (fit). Top-level
+    # transformer_blocks only: a UNet's sit after an index (attentions_0_, input_blocks_4_1_).
+    "sd3": re.compile(r"(?:^|_)joint_blocks_\d|(?<!\d_)transformer_blocks_\d+_(?:attn2?_(?:add_[qkv]_proj|"
+                      r"to_[qkv])$|ff_context_|norm1_context_)"),
+    "qwen_image": re.compile(r"(?<!\d_)transformer_blocks_\d+_(?:img_mod|txt_mod|img_mlp|txt_mlp|"
+                             r"attn_(?:add_[qkv]_proj|to_[qkv])$)"),
+    "z_image": re.compile(r"(?:^|_)(?:layers|noise_refiner|context_refiner)_\d+_"
+                          r"(?:attention|feed_forward|adaLN_modulation)_"),
+    # top-level blocks.N (an SD UNet's are inner transformer_blocks.N)
+    "wan": re.compile(r"(?:^(?:transformer_|diffusion_model_|lora_unet_|lora_transformer_|lycoris_)?"
+                      r"|(?<!transformer)_)blocks_\d+_(?:self_attn|cross_attn|ffn|attn1|attn2)_"),
 }
 
 

@@ -21,6 +21,10 @@ import importlib
 FAMILY_MODULES: dict[str, str] = {
     "flux": "flux",
     "flux2": "flux2",
+    "sd3": "sd3",
+    "qwen_image": "qwen_image",
+    "z_image": "z_image",
+    "wan": "wan",
 }
 
 

@@ -17,3 +17,22 @@ def t5_encoder(arch, prefix: str, label: str, comfy_name: str = "t5xxl", blocks:
             path = f"{base}.{sub}"
             arch.add(prefix + path.replace(".", "_"), shape, f"{label} {kind}", path,
                      f"{comfy_name}.transformer.{path}")
+
+
+def llama_encoder(arch, prefix: str, label: str, comfy_name: str, layers: int, width: int, inter: int,
+                  heads: int, kv_heads: int, head_dim: int = 128):
+    """A Llama-style decoder used as text encoder (Qwen2.5-VL-7B for Qwen-Image,
+    Qwen3-4B for Z-Image), as ComfyUI holds it: ``<comfy_name>.transformer.model.
+    layers.N.…``. kohya's name drops ``model.`` as ComfyUI's single-encoder map
+    does (``lora_te_layers_N_self_attn_q_proj``)."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    for i in range(layers):
+        base = f"layers.{i}"
+        subs = [("self_attn.q_proj", (q, width), "attn"), ("self_attn.k_proj", (kv, width), "attn"),
+                ("self_attn.v_proj", (kv, width), "attn"), ("self_attn.o_proj", (width, q), "attn"),
+                ("mlp.gate_proj", (inter, width), "mlp"), ("mlp.up_proj", (inter, width), "mlp"),
+                ("mlp.down_proj", (width, inter), "mlp")]
+        for sub, shape, kind in subs:
+            path = f"{base}.{sub}"
+            arch.add(prefix + path.replace(".", "_"), shape, f"{label} {kind}", f"model.{path}",
+                     f"{comfy_name}.transformer.model.{path}")

@@ -105,7 +105,7 @@ _PREFIXES: tuple[tuple[str, str | None], ...] = (
     ("lora_te_", "te"), ("lora_transformer_", "unet"), ("lycoris_", "unet"),
     ("unet.base_model.model.", "unet"), ("text_encoder_2.base_model.model.", "te2"),
     ("text_encoder.base_model.model.", "te"), ("base_model.model.", None),
-    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"),
+    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder_3.", "te3"), ("text_encoder.", "te"),
     ("transformer.", "unet"), ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
     ("text_encoders.", None),
 )
@@ -140,7 +140,10 @@ def resolve_part(part: str, family: str) -> str:
         return {"te": "te1", "clip_l": "te1", "clip_g": "te2"}.get(part, part)
     if family == "flux":  # CLIP-L and T5 only; OneTrainer and diffusers put T5 second
         return {"te": "te1", "clip_l": "te1", "te2": "te3", "t5xxl": "te3"}.get(part, part)
-    return {"clip_l": "te1", "clip_g": "te2", "clip_h": "te", "t5xxl": "te3"}.get(part, part)
+    if family == "sd3":  # diffusers' text_encoder is CLIP-L
+        return {"te": "te1", "clip_l": "te1", "clip_g": "te2", "t5xxl": "te3"}.get(part, part)
+    # single-encoder families (Wan's UMT5; Qwen-Image's and Z-Image's Qwen LLMs spell theirs in the table)
+    return {"clip_l": "te1", "clip_g": "te2", "clip_h": "te", "t5xxl": "te3", "umt5xxl": "te"}.get(part, part)
 
 
 _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
