@@ -24,6 +24,11 @@ FORMATS = ("kohya", "comfyui", "peft", "onetrainer", "lycoris_loha", "lycoris_lo
 # (diffusers component, ComfyUI text-encoder name, OneTrainer slot).
 TE_SPELLINGS = {
     "flux": {"te1": ("text_encoder", "clip_l", "te1"), "te3": ("text_encoder_2", "t5xxl", "te2")},
+    "sd3": {"te1": ("text_encoder", "clip_l", "te1"), "te2": ("text_encoder_2", "clip_g", "te2"),
+            "te3": ("text_encoder_3", "t5xxl", "te3")},
+    "qwen_image": {"te": ("text_encoder", "qwen25_7b", "te")},
+    "z_image": {"te": ("text_encoder", "qwen3_4b", "te")},
+    "wan": {"te": ("text_encoder", "umt5xxl", "te")},
 }
 
 
@@ -89,8 +94,9 @@ def _diffusers_modules(lora: LoraFile, family: str, variant: str | None):
         te = _te(name)
         if te:
             comp = TE_SPELLINGS[family][te[0]][0]
-            body = next(a for a in alias[name] if not a.startswith(tuple(
-                v[1] + "." for v in TE_SPELLINGS[family].values())))
+            # the path inside the encoder, from ComfyUI's '<encoder>.transformer.<path>' (bare
+            # paths are ambiguous where two encoders share them, e.g. SD3's CLIP-L and CLIP-G)
+            body = next(a for a in alias[name] if ".transformer." in a).split(".transformer.", 1)[1]
             yield "te", f"{comp}.{body}", m.up, m.down, m.scale
             continue
         parts = table.split_parts.get(name)
@@ -105,7 +111,8 @@ def _diffusers_modules(lora: LoraFile, family: str, variant: str | None):
                 up = torch.zeros(n_rows, m.up.shape[1])
                 for s, e, f in rows:
                     up[f:f + e - s] = m.up[s:e]
-                yield "unet", part, up, m.down, m.scale
+                keep = up.abs().sum(0) > 0  # a block-diagonal up: the other parts' columns are zero here
+                yield "unet", part, up[:, keep], m.down[keep], m.scale
             continue
         names = alias[name]
         yield "unet", names[1] if len(names) > 1 else names[0], m.up, m.down, m.scale

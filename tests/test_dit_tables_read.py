@@ -1,103 +1,131 @@
 """Synthetic SD3/SD3.5, Qwen-Image, Z-Image and Wan LoRAs in every trainer's
-naming: read with the right family and variant, every module, exact ΔW
-(against the dense product of the factors written), and a file against its
-conversion to another naming (fused ↔ split) at φ = 1 on every module."""
+naming (tests/dit_files.py): read with the right family and variant, every
+module, exact ΔW against the dense product of the factors written; a file
+against its conversion to another naming (fused ↔ split) at φ = 1 on every
+module. Two kinds of source: kohya-trained (one factor pair per fused module)
+and diffusers-trained (independent factors per split part: q, k, v)."""
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.arch import build
-from core.arch.synthetic import FORMATS, random_fused, random_parts, sample_names, tensors
 from core.errors import LoraError
 from core.formats import load_lora, open_lora
 from core.formats.reader import require_same_family
+from core.lora import LoraFile, LoraModule
+from core.sdarch import arch_for
 from core.similarity import compare
+from tests import dit_files
 from tests.lora_reference import one_thread  # noqa: F401 (autouse fixture)
 
-COLS = slice(0, 48)  # ΔW compared on a column slice: fused weights reach 15360 × 5120
+COLS = 48  # ΔW compared on a column slice: fused weights reach 15360 × 5120
 CASES = [("sd3", "large"), ("sd3", "3.5-medium"), ("qwen_image", "base"), ("z_image", "base"),
          ("wan", "14b"), ("wan", "1.3b-i2v")]
 
 
-def _write(tmp_path, lora, fmt, tag=""):
-    path = tmp_path / f"{lora.arch.family}-{lora.arch.variant}-{fmt}{tag}.safetensors"
-    save_file(tensors(lora, fmt), str(path))
-    return str(path)
+def random_parts(family: str, variant: str, names: list[str], rank: int = 2, seed: int = 0) -> LoraFile:
+    """A diffusers-trained LoRA: independent rank-``rank`` factors per split part
+    (part j's rows from the j-th random LoRA), held fused as the readers fuse
+    it: block-diagonal up, stacked down."""
+    table = arch_for(family, variant)
+    draws = [dit_files.random_dit_lora(family, variant, names, rank, seed + j) for j in range(4)]
+    lora = LoraFile(f"{family}-parts-{seed}.safetensors", "peft", family)
+    for name in names:
+        m = draws[0].modules[name]
+        parts: dict[str, list] = {}
+        for alias, start, end, first in table.split_parts.get(name, [(name, 0, m.d_out, 0)]):
+            parts.setdefault(alias, []).append((start, end))
+        ups, downs = [], []
+        for j, rows in enumerate(parts.values()):
+            up = torch.zeros_like(draws[j].modules[name].up)
+            for start, end in rows:  # a swapped part: any rows of a random up are random
+                up[start:end] = draws[j].modules[name].up[start:end]
+            ups.append(up)
+            downs.append(draws[j].modules[name].down)
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+        lora.modules[name] = LoraModule(name, up, down, 1.0, down.shape[0], float(down.shape[0]), m.weight_shape)
+    return lora
 
 
-def _assert_same_delta(read, lora):
-    assert set(read.modules) == set(lora.modules)
-    for name in lora.modules:
-        m = read.modules[name]
-        assert m.weight_shape == lora.arch.shapes[name], name
-        ref = lora.delta(name, COLS)
-        got = m.scale * m.up.double() @ m.down[:, COLS].double()
-        err = (got - ref).abs().max().item()
+def _dense(m, cols=COLS):
+    return m.scale * m.up.double() @ m.down[:, :cols].double()
+
+
+def _assert_same_delta(got: LoraFile, want: dict[str, LoraModule], family: str, variant: str):
+    assert set(got.modules) == set(want)
+    table = arch_for(family, variant)
+    for name, w in want.items():
+        m = got.modules[name]
+        assert m.weight_shape == table.shapes[name], name
+        ref = _dense(w)
+        err = (_dense(m) - ref).abs().max().item()
         assert err <= 1e-6 * ref.abs().max().item(), (name, err)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
 def case(request):
     family, variant = request.param
-    arch = build(family, variant)
-    names = sample_names(arch, text_encoder=False)  # text encoders: test_text_encoders
-    # kohya-trained (one factor pair per fused module) and diffusers-trained (one per split part)
-    return arch, random_fused(arch, names, rank=3, seed=1), random_parts(arch, names, rank=2, seed=2)
+    names = dit_files.sample_names(family, variant)
+    unet = [n for n in names if n.startswith("lora_unet_")]
+    return (family, variant, dit_files.random_dit_lora(family, variant, names, rank=3, seed=1),
+            random_parts(family, variant, unet, rank=2, seed=2))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", dit_files.FORMATS)
 def test_read_every_format(tmp_path, case, fmt):
-    arch, fused, parts = case
-    for lora in (fused, parts):
-        path = _write(tmp_path, lora, fmt)
+    family, variant, fused, parts = case
+    for i, src in enumerate((fused, parts)):
+        path = dit_files.write(src, family, variant, fmt, tmp_path / f"{fmt}{i}.safetensors")
         with open_lora(path) as reader:
-            assert (reader.family, reader.variant) == (arch.family, arch.variant), reader.family_reason
-        read = load_lora(path)
-        assert read.family == arch.family
-        assert not [w for w in read.warnings if "not in the" in w], read.warnings
-        _assert_same_delta(read, lora)
+            assert (reader.family, reader.variant) == (family, variant), reader.family_reason
+        lora = load_lora(path)
+        assert not [w for w in lora.warnings if "not in the" in w], lora.warnings
+        _assert_same_delta(lora, {n: src.modules[n] for n in dit_files.expected_modules(src, fmt)},
+                           family, variant)
 
 
 def test_split_modules_keep_part_ranks(tmp_path, case):
     """A diffusers file's fused module has rank Σ parts (block-diagonal up), never dense."""
-    arch, _, parts = case
-    read = load_lora(_write(tmp_path, parts, "diffusers"))
-    split = [n for n in parts.modules if n in arch.split_parts]
-    assert split or arch.family in ("qwen_image", "wan")
+    family, variant, _, parts = case
+    table = arch_for(family, variant)
+    lora = load_lora(dit_files.write(parts, family, variant, "peft", tmp_path / "p.safetensors"))
+    split = [n for n in parts.modules if n in table.split_parts]
+    assert split or family in ("qwen_image", "wan")  # nothing fused there
     for name in split:
-        distinct = len({p[0] for p in arch.split_parts[name]})
-        assert read.modules[name].factor_rank == 2 * distinct
+        distinct = len({p[0] for p in table.split_parts[name]})
+        assert lora.modules[name].factor_rank == 2 * distinct
 
 
 def test_partly_covered_fused_module_is_zero_elsewhere(tmp_path, case):
     """A LoRA on to_k alone (no to_q, to_v) is the k rows of the fused qkv; the rest is zero."""
-    arch, _, parts = case
-    split = [n for n in parts.modules if n in arch.split_parts and len(arch.split_parts[n]) == 3]
+    family, variant, _, parts = case
+    table = arch_for(family, variant)
+    split = [n for n in parts.modules if len(table.split_parts.get(n, ())) == 3]
     if not split:
-        pytest.skip(f"{arch.family} has no split qkv")
+        pytest.skip(f"{family} has no split qkv")
     name = split[0]
-    alias, start, end, _ = arch.split_parts[name][1]
-    t = {k: v for k, v in tensors(parts, "diffusers").items() if k.startswith(f"transformer.{alias}.")}
+    alias, start, end, _ = table.split_parts[name][1]
+    t = {k: v for k, v in dit_files.format_tensors(parts, family, variant, "peft").items()
+         if k.startswith(f"transformer.{alias}.")}
     path = tmp_path / "only_k.safetensors"
     save_file(t, str(path))
-    m = load_lora(str(path)).modules[name]
-    got = m.scale * m.up.double() @ m.down.double()[:, COLS]
-    ref = parts.delta(name, COLS)
+    got = _dense(load_lora(str(path)).modules[name])
+    ref = _dense(parts.modules[name])
     assert got[:start].abs().max() == 0 and got[end:].abs().max() == 0
     torch.testing.assert_close(got[start:end], ref[start:end], rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("pair", [("kohya", "diffusers"), ("comfyui", "onetrainer"), ("kohya", "diffsynth"),
-                                  ("diffusers", "lycoris")])
+@pytest.mark.parametrize("pair", [("kohya", "peft"), ("comfyui", "onetrainer"), ("kohya", "diffsynth"),
+                                  ("peft", "lycoris_loha"), ("comfyui", "lycoris_lokr")])
 def test_file_against_its_conversion_phi_one(tmp_path, case, pair):
     """The same ΔW in two namings (LDM fused vs diffusers split) lines up
     module for module: φ = 1 everywhere, on both sides."""
-    arch, fused, parts = case
-    for lora, tag in ((fused, "f"), (parts, "p")):
-        a = load_lora(_write(tmp_path, lora, pair[0], tag))
-        b = load_lora(_write(tmp_path, lora, pair[1], tag))
-        report = compare(a, b, side="both")
-        assert len(report.results) == 2 * len(lora.modules)
+    family, variant, fused, parts = case
+    for i, src in enumerate((fused, parts)):
+        a, b = (load_lora(dit_files.write(src, family, variant, fmt, tmp_path / f"{fmt}{i}.safetensors"))
+                for fmt in pair)
+        shared = dit_files.expected_modules(src, pair[0]) & dit_files.expected_modules(src, pair[1])
+        report = compare(a, b, side="both", modules=sorted(shared))
+        assert len(report.results) == 2 * len(shared)
         assert all(r.live and r.phi == pytest.approx(1.0, abs=1e-6) for r in report.results), \
             [(r.module, r.side, r.phi) for r in report.results if not r.live or abs(r.phi - 1) > 1e-6][:4]
 
@@ -107,74 +135,24 @@ def test_file_against_its_conversion_phi_one(tmp_path, case, pair):
 def test_variant_from_shapes(tmp_path, family, variant):
     """The variant is the table the modules fit: widths, and the parts only
     some variants have (SD3.5 Medium's 9-way x_block modulation, Wan I2V's k_img)."""
-    arch = build(family, variant)
-    names = [n for n in sample_names(arch, text_encoder=False)
-             if n.endswith(("x_block_adaLN_modulation_1", "attn_qkv", "cross_attn_k_img", "ffn_0",
-                            "head_head"))]
-    for fmt in ("kohya", "diffusers"):
-        with open_lora(_write(tmp_path, random_fused(arch, names, rank=2), fmt)) as reader:
+    names = [n for n in dit_files.sample_names(family, variant)
+             if n.endswith(("x_block_adaLN_modulation_1", "attn_qkv", "cross_attn_k_img", "ffn_0", "head_head"))]
+    src = dit_files.random_dit_lora(family, variant, names)
+    for fmt in ("kohya", "peft"):
+        with open_lora(dit_files.write(src, family, variant, fmt, tmp_path / f"{fmt}.safetensors")) as reader:
             assert (reader.family, reader.variant) == (family, variant), reader.family_reason
 
 
-# (family, variant, kohya name of one text-encoder module, {format: how that format spells it})
-TEXT_ENCODERS = [
-    ("sd3", "large", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-     {"comfyui": "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
-      "diffusers": "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"}),
-    ("sd3", "large", "lora_te2_text_model_encoder_layers_31_mlp_fc2",
-     {"comfyui": "text_encoders.clip_g.transformer.text_model.encoder.layers.31.mlp.fc2",
-      "diffusers": "text_encoder_2.text_model.encoder.layers.31.mlp.fc2"}),
-    ("sd3", "large", "lora_te3_encoder_block_3_layer_1_DenseReluDense_wi_1",
-     {"comfyui": "text_encoders.t5xxl.transformer.encoder.block.3.layer.1.DenseReluDense.wi_1",
-      "diffusers": "text_encoder_3.encoder.block.3.layer.1.DenseReluDense.wi_1"}),
-    ("qwen_image", "base", "lora_te_layers_2_self_attn_k_proj",
-     {"comfyui": "text_encoders.qwen25_7b.transformer.model.layers.2.self_attn.k_proj"}),
-    ("z_image", "base", "lora_te_layers_35_mlp_down_proj",
-     {"comfyui": "text_encoders.qwen3_4b.transformer.model.layers.35.mlp.down_proj"}),
-    ("wan", "14b", "lora_te_encoder_block_0_layer_0_SelfAttention_o",
-     {"comfyui": "text_encoders.umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.o",
-      "diffusers": "text_encoder.encoder.block.0.layer.0.SelfAttention.o"}),
-]
-
-
-@pytest.mark.parametrize("family,variant,kohya,spellings", TEXT_ENCODERS)
-def test_text_encoders(tmp_path, family, variant, kohya, spellings):
-    """Text-encoder modules beside the diffusion model, in kohya naming, in
-    ComfyUI's own (``text_encoders.<encoder>.transformer.…``) and diffusers':
-    one module, exact ΔW."""
-    arch = build(family, variant)
-    unet = [n for n in sample_names(arch, text_encoder=False) if arch.groups[n][-1].isdigit()][:4]
-    lora = random_fused(arch, unet + [kohya], rank=2, seed=5)
-    for fmt, spelled in (("kohya", kohya), *spellings.items()):
-        t = {k.replace(kohya + ".", spelled + "."): v for k, v in tensors(lora, fmt).items()}
-        path = tmp_path / f"te-{fmt}.safetensors"
-        save_file(t, str(path))
-        read = load_lora(str(path))
-        assert read.family == family and not read.warnings, (fmt, read.warnings)
-        _assert_same_delta(read, lora)
-
-
-def test_families_do_not_mix(tmp_path):
-    sd3 = build("sd3", "large")
-    wan = build("wan", "14b")
-    a = load_lora(_write(tmp_path, random_fused(sd3, sample_names(sd3, text_encoder=False)[:12]), "kohya"))
-    b = load_lora(_write(tmp_path, random_fused(wan, sample_names(wan, text_encoder=False)[:12]), "diffusers"))
-    with pytest.raises(LoraError, match="different base models"):
-        require_same_family([a, b])
-
-
-# -- detection of files that name only generic diffusers attention ----------------
-
-def _attention_only(arch, blocks, parts=("to_q", "to_k", "to_v")):
-    """Diffusers-named attention q/k/v of the given blocks (what a minimal PEFT config trains)."""
-    names = []
-    for name, split in arch.split_parts.items():
-        for alias, *_ in split:
-            if any(alias.endswith(f"attn.{p}") for p in parts) and int(alias.split(".")[1]) in blocks:
-                names.append(name)
-    whole = [n for n in arch.shapes if any(arch.canonical(f"transformer_blocks.{b}.attn.{p}") == n
-                                           for b in blocks for p in parts)]
-    return list(dict.fromkeys(names + whole))
+def _attention_only(family: str, variant: str, blocks) -> list[str]:
+    """The modules behind diffusers' transformer_blocks.N.attn.to_q/to_k/to_v
+    (what a minimal PEFT config trains)."""
+    table = arch_for(family, variant)
+    out = []
+    for b in blocks:
+        for p in ("to_q", "to_k", "to_v"):
+            alias = f"transformer_blocks.{b}.attn.{p}"
+            out.append(table.canonical(alias) or table.split_of(alias)[0])
+    return list(dict.fromkeys(out))
 
 
 @pytest.mark.parametrize("family,variant,blocks,read_as", [
@@ -185,9 +163,15 @@ def test_generic_attention_files_detected(tmp_path, family, variant, blocks, rea
     widths (SD3 1536/2432) and depth (Qwen-Image beyond Flux's 19 blocks) decide.
     Attention alone cannot tell SD3 Medium from SD3.5 Medium (same shapes):
     the preferred variant, 3.5, is reported."""
-    arch = build(family, variant)
-    lora = random_parts(arch, _attention_only(arch, set(blocks)), rank=2)
-    assert lora.modules
-    for fmt in ("diffusers", "diffsynth"):
-        with open_lora(_write(tmp_path, lora, fmt)) as reader:
+    src = random_parts(family, variant, _attention_only(family, variant, blocks))
+    for fmt in ("peft", "diffsynth"):
+        with open_lora(dit_files.write(src, family, variant, fmt, tmp_path / f"{fmt}.safetensors")) as reader:
             assert (reader.family, reader.variant) == (family, read_as), reader.family_reason
+
+
+def test_families_do_not_mix(tmp_path):
+    a, b = (load_lora(dit_files.write(
+        dit_files.random_dit_lora(f, v, dit_files.sample_names(f, v)[:12]), f, v, fmt,
+        tmp_path / f"{f}.safetensors")) for f, v, fmt in (("sd3", "large", "kohya"), ("wan", "14b", "peft")))
+    with pytest.raises(LoraError, match="different base models"):
+        require_same_family([a, b])

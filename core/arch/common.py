@@ -7,16 +7,31 @@ their rows inside the fused weight (``Arch.add_split``).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..sdarch import Arch
 
 UNET = "lora_unet_"
 
 
-def new_table(family: str, variant: str, variants: tuple[str, ...]) -> Arch:
-    """An empty table for one variant of ``family`` (KeyError naming the known ones)."""
-    if variant not in variants:
-        raise KeyError(f"{family} has no variant '{variant}' (known: {', '.join(variants)})")
-    return Arch(family, variant=variant)
+def table(family: str, variants: tuple[str, ...]):
+    """Decorator turning ``fill(arch, variant)`` into the family's
+    ``build(variant=None) -> Arch``: lru-cached, the union of the variants
+    for None, a KeyError naming the known variants otherwise."""
+    def wrap(fill):
+        @lru_cache(maxsize=None)
+        def build(variant: str | None = None) -> Arch:
+            if variant is None:
+                from . import union
+                return union(family, build)
+            if variant not in variants:
+                raise KeyError(f"{family} has no variant '{variant}' (known: {', '.join(variants)})")
+            arch = Arch(family, variant=variant)
+            fill(arch, variant)
+            return arch
+        build.__doc__ = fill.__doc__
+        return build
+    return wrap
 
 
 def canonical(ldm: str) -> str:

@@ -14,11 +14,8 @@ Text encoder: Qwen2.5-VL-7B language layers, kohya ``lora_te_layers_N_…``
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..sdarch import Arch
-from . import union
-from .common import new_table, block, linear
+from .common import block, linear, table
 from .text import llama_encoder
 
 FAMILY = "qwen_image"
@@ -27,11 +24,8 @@ VARIANTS = ("base",)
 H, DEPTH, TXT, IN, OUT = 3072, 60, 3584, 64, 64
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        return union(FAMILY, build)
-    arch = new_table(FAMILY, variant, VARIANTS)
+@table(FAMILY, VARIANTS)
+def build(arch: Arch, variant: str):
     h = H
     linear(arch, "img_in", (h, IN), "embed")
     linear(arch, "txt_in", (h, TXT), "embed")
@@ -51,5 +45,4 @@ def build(variant: str | None = None) -> Arch:
     linear(arch, "proj_out", (OUT, h), "final")
     llama_encoder(arch, "lora_te_", "te", "qwen25_7b", layers=28, width=3584, inter=18944, heads=28,
                   kv_heads=4)
-    return arch
 

@@ -18,11 +18,8 @@ Text encoders (kohya sd-scripts / ComfyUI): CLIP-L ``lora_te1_``, CLIP-G
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..sdarch import Arch, _text_encoder
-from . import union
-from .common import new_table, block, fused, linear, swapped
+from .common import block, fused, linear, swapped, table
 from .text import t5_encoder
 
 FAMILY = "sd3"
@@ -37,11 +34,8 @@ VARIANTS = tuple(CONFIGS)
 IN_CHANNELS, PATCH, POOLED, CONTEXT = 16, 2, 2048, 4096
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        return union(FAMILY, build)
-    arch = new_table(FAMILY, variant, VARIANTS)
+@table(FAMILY, VARIANTS)
+def build(arch: Arch, variant: str):
     depth, dual = CONFIGS[variant]
     h = 64 * depth
     linear(arch, "x_embedder.proj", (h, IN_CHANNELS, PATCH, PATCH), "embed", "pos_embed.proj")
@@ -84,5 +78,4 @@ def build(variant: str | None = None) -> Arch:
         arch.add(f"lora_{slot}_text_projection", (width, width), f"{slot} proj",
                  f"{clip}.transformer.text_projection")
     t5_encoder(arch, "lora_te3_", "te3")
-    return arch
 

@@ -21,11 +21,8 @@ here is ``lora_te_encoder_block_N_…``.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..sdarch import Arch
-from . import union
-from .common import new_table, block, linear
+from .common import block, linear, table
 from .text import t5_encoder
 
 FAMILY = "wan"
@@ -37,11 +34,8 @@ VARIANTS = ("14b", "1.3b", "5b", "14b-i2v", "1.3b-i2v")
 FREQ, TEXT, CLIP_VISION, PATCH = 256, 4096, 1280, 4
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        return union(FAMILY, build)
-    arch = new_table(FAMILY, variant, VARIANTS)
+@table(FAMILY, VARIANTS)
+def build(arch: Arch, variant: str):
     size, _, mode = variant.partition("-")
     dim, ffn, depth, latent = _SIZES[size]
     i2v = mode == "i2v"
@@ -67,5 +61,4 @@ def build(variant: str | None = None) -> Arch:
         linear(arch, f"{b}.ffn.2", (dim, ffn), g, f"{b}.ffn.net.2")
     linear(arch, "head.head", (PATCH * latent, dim), "head", "proj_out")
     t5_encoder(arch, "lora_te_", "te", "umt5xxl")
-    return arch
 

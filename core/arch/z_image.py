@@ -16,11 +16,8 @@ single-encoder map), ComfyUI ``qwen3_4b.transformer.model.…``.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..sdarch import Arch
-from . import union
-from .common import new_table, block, fused, linear
+from .common import block, fused, linear, table
 from .text import llama_encoder
 
 FAMILY = "z_image"
@@ -41,11 +38,8 @@ def _block(arch: Arch, prefix: str, group: str, modulated: bool):
         linear(arch, f"{prefix}.adaLN_modulation.0", (4 * h, T_EMB), group)
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        return union(FAMILY, build)
-    arch = new_table(FAMILY, variant, VARIANTS)
+@table(FAMILY, VARIANTS)
+def build(arch: Arch, variant: str):
     h = H
     linear(arch, "x_embedder", (h, PATCH_IN), "embed", "all_x_embedder.2-1")
     linear(arch, "t_embedder.mlp.0", (1024, 256), "embed")
@@ -62,5 +56,4 @@ def build(variant: str | None = None) -> Arch:
     linear(arch, "final_layer.linear", (PATCH_IN, h), "final", "all_final_layer.2-1.linear")
     llama_encoder(arch, "lora_te_", "te", "qwen3_4b", layers=36, width=2560, inter=9728, heads=32,
                   kv_heads=8)
-    return arch
 

@@ -188,6 +188,9 @@ def resolve_module(module_key: str, family: str, variant: str | None = None
             name = kohya_name(part, body)
             if name in arch.shapes:
                 return name, True, None
+            hit = arch.canonical(body)  # a table spelling of the encoder path (Qwen's model.layers.N…)
+            if hit and not hit.startswith("lora_unet_"):
+                return hit, True, None
     return kohya_name(part, body), False, None
 
 
