@@ -65,12 +65,25 @@ class GrassmannLoRAKarcherMerge:
                                                         "ones (mean not unique) the descent uses them all on a "
                                                         "flat cost, so lowering this saves time while the merge "
                                                         "barely changes."}),
+                "space": (["core", "full"], {"default": "core",
+                                             "tooltip": "ties/dare only: core = on the LoRAs' intrinsic core "
+                                                        "coordinates (exact, from factors, fast); full = on every "
+                                                        "entry of the dense ΔW, as TIES/DARE were published."}),
+                "tsv_keep": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                       "tooltip": "tsv only: share of each LoRA's singular directions used."}),
+                "rank_auto": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Per module the smallest rank holding `energy` of the "
+                                                     "merged energy (svd and the core-space methods); the "
+                                                     "rank input is then ignored."}),
+                "energy": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.005,
+                                     "tooltip": "rank_auto: share of the merged energy kept per module."}),
                 **lora_slot_inputs("to merge"),
             },
         }
 
     def run(self, model, clip, method, rank, weights, dtype, strength_model, strength_clip,
-            ties_density, dare_drop, dare_seed, karcher_max_iter=50, **slots):
+            ties_density, dare_drop, dare_seed, karcher_max_iter=50, space="core", tsv_keep=1.0,
+            rank_auto=False, energy=0.99, **slots):
         from ..core.errors import LoraError
         from ..core.merge import merge
 
@@ -80,10 +93,11 @@ class GrassmannLoRAKarcherMerge:
             raise LoraError("Karcher Merge LoRA: connect at least one LoRA (lora_1, lora_2, …)")
         check_families(connected, model)        # before the merge, naming the sources
         progress = Progress(1)
-        result = merge(loras, parse_weights(weights, len(loras)), method, merge_rank(method, rank),
+        result = merge(loras, parse_weights(weights, len(loras)), method,
+                       "auto" if rank_auto else merge_rank(method, rank),
                        dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
                        dare_drop=dare_drop, naming="kohya", max_iter=karcher_max_iter,
-                       progress=progress)   # per module; cancel raises
+                       progress=progress, space=space, keep=tsv_keep, energy=energy)   # per module; cancel raises
         # The merged factors are already cast to `dtype`: applying them "as stored"
         # is exactly what LoraLoader does with the file Save LoRA writes from them.
         model_out, clip_out = apply_lora(model, clip, result.lora, strength_model, strength_clip, None)

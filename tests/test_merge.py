@@ -224,9 +224,9 @@ def test_ties_trim_elect_and_disjoint_mean_on_hand_made_case():
 def test_ties_and_dare_rank_p_equals_dense_svd_truncation():
     srcs = [lora(1, rank=4, names=[NAMES[0], NAMES[4]]), lora(2, rank=4, names=[NAMES[0], NAMES[4]])]
     w = [1.0, 0.7]
-    full = {m: merge(srcs, w, method=m, rank=320, seed=5, dtype=F64) for m in ("ties", "dare")}
+    full = {m: merge(srcs, w, method=m, rank=320, seed=5, space="full", dtype=F64) for m in ("ties", "dare")}
     for method in ("ties", "dare"):
-        res = merge(srcs, w, method=method, rank=6, seed=5, dtype=F64)
+        res = merge(srcs, w, method=method, rank=6, seed=5, space="full", dtype=F64)
         for name in (NAMES[0], NAMES[4]):
             dense = full[method].lora.modules[name].delta()
             u, s, vh = torch.linalg.svd(dense, full_matrices=False)
@@ -238,8 +238,8 @@ def test_ties_and_dare_in_float32_agree_with_float64():
     trimming, rank-p triplets to float32 accuracy."""
     srcs = [lora(1, rank=4, names=[NAMES[0], NAMES[4]]), lora(2, rank=4, names=[NAMES[0], NAMES[4]])]
     for method in ("ties", "dare"):
-        lo = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, dtype=torch.float32)
-        hi = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, dtype=F64)
+        lo = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, space="full", dtype=torch.float32)
+        hi = merge(srcs, [1.0, 0.7], method=method, rank=6, seed=5, space="full", dtype=F64)
         for name in (NAMES[0], NAMES[4]):
             assert lo.lora.modules[name].up.dtype == torch.float32
             assert rel(lo.lora.modules[name].delta(), hi.lora.modules[name].delta()) < 1e-4
@@ -249,7 +249,7 @@ def test_ties_and_dare_in_float32_agree_with_float64():
 def test_ties_merge_at_full_rank_equals_dense_ties():
     srcs = [lora(1, rank=3, names=NAMES[2:4]), lora(2, rank=3, names=NAMES[2:4])]
     w = [1.0, 0.7]
-    res = merge(srcs, w, method="ties", rank=320, ties_density=0.3, dtype=F64)
+    res = merge(srcs, w, method="ties", rank=320, ties_density=0.3, space="full", dtype=F64)
     for name in NAMES[2:4]:
         taus = [wk * s.modules[name].delta() for s, wk in zip(srcs, w)]
         ref = ties_combine(taus, [ties_threshold(t, 0.3) for t in taus])
@@ -268,17 +268,18 @@ def tiny(seed, d_out=12, d_in=10, r=3):
 def test_dare_expectation_is_the_weighted_sum_and_seeds_reproduce():
     srcs, w, q, n = [tiny(1), tiny(2)], [0.8, 0.5], 0.5, 300
     t = target(srcs, w, "m")
-    runs = [merge(srcs, w, method="dare", rank=10, dare_drop=q, seed=s, dtype=F64).lora.modules["m"].delta()
-            for s in range(n)]
+    runs = [merge(srcs, w, method="dare", rank=10, dare_drop=q, seed=s, space="full", dtype=F64
+                  ).lora.modules["m"].delta() for s in range(n)]
     mean = torch.stack(runs).mean(0)
     # E‖mean − T‖² = q/(1−q)/n · Σ_k ‖w_k ΔW_k‖²: the Monte-Carlo error must have that size
     expected = math.sqrt(q / (1 - q) / n * sum(float(torch.linalg.matrix_norm(wk * s.modules["m"].delta()) ** 2)
                                                for s, wk in zip(srcs, w)))
     err = float(torch.linalg.matrix_norm(mean - t))
     assert 0.6 * expected < err < 1.4 * expected
-    same = merge(srcs, w, method="dare", rank=10, dare_drop=q, seed=3, dtype=F64).lora.modules["m"].delta()
+    same = merge(srcs, w, method="dare", rank=10, dare_drop=q, seed=3, space="full", dtype=F64
+                 ).lora.modules["m"].delta()
     assert torch.equal(same, runs[3]) and not torch.equal(runs[3], runs[4])
-    exact = merge(srcs, w, method="dare", rank=10, dare_drop=0.0, dtype=F64).lora.modules["m"].delta()
+    exact = merge(srcs, w, method="dare", rank=10, dare_drop=0.0, space="full", dtype=F64).lora.modules["m"].delta()
     assert rel(exact, t) < 1e-10
 
 
@@ -295,7 +296,8 @@ def test_dense_methods_chunk_wide_and_tall_modules_alike(monkeypatch):
     results = {}
     for chunk in (5000, 1 << 22):                         # many chunks / one chunk per module
         monkeypatch.setattr(cm, "CHUNK_ELEMENTS", chunk)
-        results[chunk] = [merge(srcs, [1, 1], method=m, rank=5, seed=4, dtype=F64) for m in ("ties", "dare")]
+        results[chunk] = [merge(srcs, [1, 1], method=m, rank=5, seed=4, space="full", dtype=F64)
+                          for m in ("ties", "dare")]
     for small, big in zip(results[5000], results[1 << 22]):   # DARE masks do not depend on chunking
         for name in (NAMES[0], NAMES[4]):
             assert rel(small.lora.modules[name].delta(), big.lora.modules[name].delta()) < 1e-9

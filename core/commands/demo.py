@@ -47,7 +47,7 @@ def run(args) -> int:
     from ..commands.inspect import describe, format_text
     from ..formats import load_lora
     from ..kernel_matrix import cluster_kernel_matrix, compute_kernel_matrix
-    from ..merge import METHODS, merge
+    from ..merge import METHODS, get, merge
     from ..plot import image_to_png
     from ..save import safe_output_path, save_kohya
     from ..similarity import compare
@@ -95,7 +95,7 @@ def run(args) -> int:
     sources = [loras["style_a"], loras["style_a_v2"]]
     results = {}
     for method in METHODS:
-        exact = method in ("linear", "concat")   # exact at rank Σ r_k, no rank to choose
+        exact = not get(method).ranked          # exact at rank Σ r_k, no rank to choose
         t = _step(f"5. {method} merge of style_a + style_a_v2 (weights 0.5 0.5, "
                   f"rank {'Σ r_k' if exact else args.rank})")
         results[method] = merge(sources, [0.5, 0.5], method=method, rank=None if exact else args.rank)

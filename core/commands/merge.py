@@ -21,8 +21,15 @@ def add_arguments(parser) -> None:
                         help="; ".join(f"{m.name}: {m.description}" for m in TABLE.values()) + " (default karcher)")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one weight per LoRA (1 = full strength; default 1/N each)")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="merge rank (default: the smallest source rank per module; not for linear)")
+    parser.add_argument("--rank", type=_rank, default=None,
+                        help="merge rank, or 'auto': per module the smallest rank holding --energy of the "
+                             "merged energy (default: the smallest source rank per module; not for linear)")
+    parser.add_argument("--energy", type=float, default=0.99, help="rank auto: share of the energy kept")
+    parser.add_argument("--space", choices=("core", "full"), default=None,
+                        help="ties/dare: on the sources' core coordinates (default, exact from factors) or "
+                             "on the dense ΔW (full, as published)")
+    parser.add_argument("--keep", type=float, default=None, help="tsv: share of each source's singular "
+                                                                   "triplets used (default all)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="factor dtype written")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT (and the report) if present")
     parser.add_argument("--report", metavar="FILE.json", help="write the full fidelity report as JSON")
@@ -35,6 +42,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dare-drop", type=float, default=0.5, help="dare: drop probability")
     parser.add_argument("--seed", type=int, default=0, help="dare: random seed")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+
+
+def _rank(text: str):
+    return "auto" if text == "auto" else int(text)
 
 
 def run(args) -> int:
@@ -51,7 +62,8 @@ def run(args) -> int:
     loras = [load_lora(path) for path in args.sources]
     result = merge(loras, args.weights, method=args.method, rank=args.rank, dtype=DTYPES[args.dtype],
                    seed=args.seed, ties_density=args.ties_density, dare_drop=args.dare_drop,
-                   naming=args.naming, distance=args.distance, device=args.device, max_iter=args.max_iter)
+                   naming=args.naming, distance=args.distance, device=args.device, max_iter=args.max_iter,
+                   space=args.space, keep=args.keep, energy=args.energy)
     print(result.report.table())
     path = result.save(args.output, overwrite=args.overwrite)
     print(f"\nwrote {path}: {len(result.lora.modules)} modules, {result.lora.family_label}, {args.dtype}")

@@ -27,6 +27,7 @@ class Source:
     module: LoraModule
     svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device;
                               # in the job's frame coordinates when the job has frames
+    label: str = ""           # the source file's name
 
     @property
     def rank(self) -> int:
@@ -39,7 +40,9 @@ class Merged:
     coordinates for jobs with frames): ΔW_merge = scale·up·down. stats: the
     method's own per-module figures for the report (karcher: per side);
     known: the merge's SVD when the method built it; error: ‖ΔW_merge − target‖_F
-    when the method knows it exactly (both spare the report a factorisation)."""
+    when the method knows it exactly (both spare the report a factorisation);
+    truncation: ‖result − its rank-p truncation‖ / ‖result‖ for rules truncated
+    after the fact (core.merge.truncate)."""
 
     up: torch.Tensor
     down: torch.Tensor
@@ -47,6 +50,7 @@ class Merged:
     stats: dict | None = None
     known: FactoredSVD | None = None
     error: float | None = None
+    truncation: float | None = None
 
 
 @dataclass
@@ -169,14 +173,14 @@ def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev
         frames, found = framed_svds(modules, dev, work)
     else:
         found = modules_svd(modules, device=dev)
-    live = [Source(k, w[k], m, res.top(res.effective_rank))
+    live = [Source(k, w[k], m, res.top(res.effective_rank), loras[k].name)
             for k, m, res in zip(ks, modules, found) if not res.dead]
     if not live:
         return None
     if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
         only = live[0]
         res = module_svd(only.module, device=dev)
-        live, frames = [Source(only.index, only.weight, only.module, res.top(res.effective_rank))], None
+        live, frames = [Source(only.index, only.weight, only.module, res.top(res.effective_rank), only.label)], None
     return Job(name, live[0].module.weight_shape, live, frames=frames,
                members=modules if frames is not None else [], workspace=work if frames is not None else None)
 

@@ -13,6 +13,7 @@ import torch
 from ..factored import RANK_RTOL, leading_svd
 from .basis import Job, Merged, split
 from .plan import Options
+from .truncate import finish
 
 
 def linear(job: Job, opts: Options) -> Merged:
@@ -26,7 +27,9 @@ def svd(job: Job, opts: Options) -> Merged:
     """In frames the top-p triplets of the small target core come from
     leading_svd when its spectrum allows, and the error is the norm of the
     difference matrix (no cancellation); else from the full SVD, error
-    ‖S_T[p:]‖ (exact, a sum of squares)."""
+    ‖S_T[p:]‖ (exact, a sum of squares). Rank auto: truncate.finish on the target's spectrum."""
+    if opts.rank == "auto":
+        return finish(job, job.target, opts)
     if job.frames is not None:
         core = job.target_core
         res = leading_svd(core, job.rank)

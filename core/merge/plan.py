@@ -27,13 +27,15 @@ from ..lora import LoraFile
 @dataclass
 class Options:
     """What the run loop hands every method besides the module: the requested
-    rank, the compute device, the dense dtype of the full-space rules, and the
+    rank (an int, None for the default, "auto"), the energy share rank "auto"
+    keeps, the compute device, the dense dtype of the full-space rules, and the
     method's parameters by name (Method.params, checked)."""
 
-    rank: int | None
+    rank: int | str | None
     device: torch.device
     dense_dtype: torch.dtype
     params: dict = field(default_factory=dict)
+    energy: float = 0.99
 
     def __getitem__(self, name: str):
         return self.params[name]
@@ -75,6 +77,12 @@ def check_rank_request(specs: dict[str, list[int]], loras: list[LoraFile], metho
         return
     if rank is None:
         return
+    if rank == "auto":
+        if method.rank_auto is None:
+            raise LoraError(f"rank auto is not offered for the {method.name} merge; give a number")
+        return
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise LoraError(f"merge rank must be a whole number or 'auto', got {rank!r}")
     if rank < 1:
         raise LoraError(f"merge rank must be at least 1, got {rank}")
     allowed = []
@@ -101,6 +109,8 @@ def set_rank(job, method, rank: int | None) -> None:
         job.rank = job.sources[0].module.factor_rank
     elif rank is None:                          # the smallest source rank (nominal, or effective if less)
         job.rank = min(min(s.module.rank, s.rank) for s in job.sources)
+    elif rank == "auto":                        # an upper bound; the method's rank_auto policy picks
+        job.rank = method.rank_limit(job.d_out, job.d_in, [s.rank for s in job.sources])
     else:
         job.rank = min(rank, method.rank_limit(job.d_out, job.d_in, [s.rank for s in job.sources]))
         job.capped = job.rank < rank

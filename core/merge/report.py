@@ -25,6 +25,7 @@ class ModuleReport:
     phi: dict[int, float]          # φ between the merge's and the source's column spaces
     karcher: dict | None = None    # per side "U"/"V": iterations, grad_norm, angles, flags
     note: str = ""
+    truncation: float | None = None  # ‖result − rank-p result‖/‖result‖ for rules truncated after the fact
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -68,6 +69,9 @@ class MergeReport:
                 out["kept"][name] = sum(m.kept[k] * m.energy[k] for m in mods if k in m.energy) / energy
                 phis = [m.phi[k] for m in mods if k in m.phi]
                 out["phi"][name] = sum(phis) / len(phis)
+        cuts = [m.truncation for m in mods if m.truncation is not None]
+        if cuts:
+            out["truncation_max"] = max(cuts)
         sides = [side for m in mods if m.karcher for side in m.karcher.values()]
         if sides:
             iters = [s["iterations"] for s in sides]
@@ -101,6 +105,9 @@ class MergeReport:
             groups.setdefault(m.group, []).append(m)
         head = ["group", "mods", "rank", "rel.err"] + [f"kept {x}" for x in labels] + \
                [f"φ {x}" for x in labels]
+        cut = any(m.truncation is not None for m in self.modules)
+        if cut:
+            head.append("trunc")
         karcher = any(m.karcher for m in self.modules)
         if karcher:
             head += ["iters", "grad max", "non-uniq", "consensus"]
@@ -119,6 +126,9 @@ class MergeReport:
             for k in range(len(labels)):
                 ph = [m.phi[k] for m in mods if k in m.phi]
                 cells.append(f"{sum(ph) / len(ph):.3f}" if ph else "-")
+            if cut:
+                cuts = [m.truncation for m in mods if m.truncation is not None]
+                cells.append(f"{max(cuts):.1e}" if cuts else "-")
             if karcher:
                 its = [s["iterations"] for m in mods if m.karcher for s in m.karcher.values()]
                 cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")

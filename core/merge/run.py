@@ -35,7 +35,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           dare_drop: float = 0.5, naming: str = "first", distance: str = "geodesic",
           device: torch.device | str | None = None, batched: bool | None = None,
           threads: int | None = 1, tol: float | None = None, max_iter: int = 50,
-          progress: Callable[[int, int], None] | None = None) -> MergeResult:
+          progress: Callable[[int, int], None] | None = None, space: str | None = None,
+          keep: float | None = None, energy: float = 0.99) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA (methods: core.merge.methods).
 
     dtype: factor dtype of the result (computation is float64, except the dense
@@ -49,6 +50,10 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     equal shape for methods that offer it (default: on CUDA only; a plain loop
     measured faster on the CPU). threads: CPU intra-op threads during the merge
     (restored after; None leaves torch's setting). tol, max_iter: Karcher stop.
+    rank: a number, None (per module the smallest source rank) or "auto" (per
+    module the smallest rank holding `energy` of the merged energy; methods with
+    a rank_auto policy). space: ties/dare on the core coordinates ("core",
+    default) or the dense ΔW ("full"). keep: tsv's share of each source's triplets.
     progress(done, total) is called after each module is merged and measured
     (total = modules to merge); raising inside it stops the merge (how ComfyUI
     cancels): the exception propagates and nothing is returned.
@@ -58,8 +63,13 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         raise LoraError(f"unknown naming '{naming}' (choose from {', '.join(NAMINGS)})")
     if not loras:
         raise LoraError("no LoRAs to merge")
-    params = m.options({"seed": seed, "ties_density": ties_density, "dare_drop": dare_drop,
-                        "distance": distance, "tol": tol, "max_iter": max_iter})
+    given = {"seed": seed, "ties_density": ties_density, "dare_drop": dare_drop, "distance": distance,
+             "tol": tol, "max_iter": max_iter, "space": space, "keep": keep}
+    params = m.options({k: v for k, v in given.items() if v is not None or k == "tol"})
+    if not 0 < energy <= 1:
+        raise LoraError(f"rank auto energy share must be in (0, 1], got {energy}")
+    if rank == "auto" and params.get("space") == "full":
+        raise LoraError(f"rank auto is not offered for {method} in space full (the dense rule); use space core")
     w = check_weights(loras, weights, m)
     family = require_same_base(loras)
     dev = torch.device(device) if device is not None else default_device()
@@ -67,7 +77,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         batched = dev.type == "cuda"
     specs = module_specs(loras, w)
     check_rank_request(specs, loras, m, rank)
-    opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params)
+    opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params, energy)
     with linalg_threads(threads if dev.type == "cpu" else None):
         report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
         groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
@@ -124,7 +134,7 @@ def _run(specs, loras, w, method, opts: Options, batched: bool):
         yield from zip(group, method.batch(group, opts))
 
     for name, ks in specs.items():
-        job = prepare(name, ks, loras, w, opts.device, method.framed, work)
+        job = prepare(name, ks, loras, w, opts.device, method.is_framed(opts.params), work)
         if job is None:
             yield name, None
             continue

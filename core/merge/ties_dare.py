@@ -102,6 +102,32 @@ def dare_combine(taus: list[torch.Tensor], drop: float, generators: list[torch.G
     return out / (1.0 - drop)
 
 
+def dare_generators(name: str, seed: int, tags: list[int], dev: torch.device) -> list[torch.Generator]:
+    """One generator per source, seeded from the seed, the module's name and the source's tag."""
+    name_hash = zlib.crc32(name.encode())
+    return [torch.Generator(device=dev).manual_seed((seed * 1_000_003 + name_hash * 7919 + t * 104_729) % (2 ** 63))
+            for t in tags]
+
+
+def source_tags(job: Job) -> list[int]:
+    """Per source a tag from its file name (repeats of one name counted in order): DARE's
+    masks then follow the source, not its place in the list (order invariance)."""
+    seen: dict[str, int] = {}
+    tags = []
+    for s in job.sources:
+        seen[s.label] = seen.get(s.label, -1) + 1
+        tags.append(zlib.crc32(f"{s.label}#{seen[s.label]}".encode()))
+    return tags
+
+
+def elementwise(rule: str, mats: list[torch.Tensor], job: Job, opts: Options) -> torch.Tensor:
+    """TIES or DARE on whole (small) matrices of one shape, one per source: the core and KnOTS rules."""
+    if rule == "ties":
+        return ties_combine(mats, [ties_threshold(m, opts["ties_density"]) for m in mats])
+    gens = dare_generators(job.name, opts["seed"], source_tags(job), mats[0].device)
+    return dare_combine(mats, opts["dare_drop"], gens)
+
+
 def _dense(job: Job, method: str, opts: Options) -> Merged:
     """ties/dare on ΔW, then its best rank-p approximation. The sources' task
     vectors are formed CHUNK_ELEMENTS at a time (rows: small chunks stay in
@@ -119,9 +145,7 @@ def _dense(job: Job, method: str, opts: Options) -> Merged:
                                        (job.d_out, job.d_in), opts["ties_density"])
                       for a, b in factors]
     dev = factors[0][0].device
-    name_hash = zlib.crc32(job.name.encode())
-    gens = [torch.Generator(device=dev).manual_seed((seed * 1_000_003 + name_hash * 7919 + k * 104_729) % (2 ** 63))
-            for k in range(len(factors))]
+    gens = dare_generators(job.name, seed, list(range(len(factors))), dev)
     step = max(1, CHUNK_ELEMENTS // job.d_in)
     dense = torch.empty(job.d_out, job.d_in, dtype=work, device=dev)
     for i in range(0, job.d_out, step):

@@ -1,0 +1,56 @@
+"""Truncating a method's result to the merge rank p, or to the smallest rank
+holding a stated share of its energy (rank "auto"), with the error reported.
+
+A rule hands its whole result as (U, S, V) — orthonormal U, V in the job's
+coordinates, S ≥ 0 in the rule's order of importance — and finish() keeps the
+first p triplets (a stable sort by S keeps the rule's order among equal values:
+an isotropic spectrum truncates along the directions the rule ranked first).
+The truncation error ‖S[p:]‖ is exact because U, V are orthonormal; a result
+whose factors are not (a rank-deficient polar factor) is re-decomposed first.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..factored import RANK_RTOL, FactoredSVD
+from .basis import Job, Merged, split
+from .plan import Options
+
+ORTHONORMAL_ATOL = 1e-9
+
+
+def energy_rank(job: Job, s: torch.Tensor, share: float) -> int:
+    """The smallest p with Σ_{i<p} σ_i² ≥ share·Σ σ_i² (s descending): the default rank-auto policy."""
+    e = torch.cumsum(s * s, 0)
+    return int(torch.searchsorted(e, share * e[-1] * (1 - 1e-12)).item()) + 1
+
+
+def _orthonormal(x: torch.Tensor) -> bool:
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return bool(torch.allclose(x.T @ x, eye, atol=ORTHONORMAL_ATOL))
+
+
+def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank) -> Merged:
+    """The rule's result at the job's rank (or rank auto), as merged factors with
+    their SVD, the exact error against the target (in frames: one small matrix)
+    and the relative truncation error."""
+    u, s, v = res.U, res.S, res.V
+    if not (_orthonormal(u) and _orthonormal(v)):
+        p_, s, qh = torch.linalg.svd((u * s) @ v.T, full_matrices=False)
+        u, v = p_, qh.T
+    order = torch.sort(s, descending=True, stable=True).indices
+    u, s, v = u[:, order], s[order], v[:, order]
+    live = int((s > RANK_RTOL * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+    u, s, v = u[:, :live], s[:live], v[:, :live]
+    if opts.rank == "auto":
+        p = rank_auto(job, s, opts.energy) if live else 0
+    else:
+        p = min(job.rank, live)
+        job.capped = job.capped or (opts.rank is not None and p < opts.rank)
+    total = float(torch.linalg.vector_norm(s))
+    trunc = float(torch.linalg.vector_norm(s[p:])) / total if total > 0 else 0.0
+    known = FactoredSVD(u[:, :p], s[:p], v[:, :p])
+    error = None
+    if job.frames is not None:
+        error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
+    return Merged(*split(known.U, known.S, known.V), known=known, error=error, truncation=trunc)
