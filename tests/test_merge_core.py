@@ -213,3 +213,28 @@ def test_bad_parameters_are_one_line_errors():
         with pytest.raises(LoraError, match=msg) as err:
             merge(srcs, kw.pop("weights", W), **kw)
         assert "\n" not in str(err.value)
+
+
+def test_cli_node_and_report_show_the_method_table(tmp_path, capsys):
+    import argparse
+
+    from core.cli import main
+    from core.commands import merge as command
+    from core.merge import TABLE, describe
+    from core.save import save_kohya
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    action = next(a for a in parser._actions if a.dest == "method")
+    assert list(action.choices) == list(TABLE)
+    assert all(m.description.replace("%", "%%") in action.help for m in TABLE.values())
+    srcs = sources()
+    res = merge(srcs, [0.5, 0.3, 0.2], method="iso-cts", rank=6)
+    assert TABLE["iso-cts"].description in res.report.table() and "iso-cts merge" in res.report.table()
+    assert "iso-cts:" in describe() and TABLE["iso-cts"].paper in describe()
+    paths = [save_kohya(s, str(tmp_path / f"s{k}.safetensors")) for k, s in enumerate(srcs)]
+    for bad in (["--method", "ties", "--ties-density", "1.5"], ["--method", "tsv", "--keep", "0"],
+                ["--method", "knots-dare", "--dare-drop", "1"]):
+        assert main(["merge", *paths, "-o", str(tmp_path / "x.safetensors"), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")

@@ -7,8 +7,8 @@ import os
 from ..errors import LoraError
 from ..save import DTYPES, atomic_write
 
-HELP = ("Merge LoRAs of one base model into one kohya LoRA: Karcher mean of their subspaces on "
-        "the Grassmann manifold, or linear/concat, svd, ties, dare; prints a fidelity table.")
+HELP = ("Merge LoRAs of one base model into one kohya LoRA by any method of the method table (--method); "
+        "prints a fidelity table.")
 
 
 def add_arguments(parser) -> None:
@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("sources", nargs="+", metavar="LORA", help="two or more LoRA files (any format)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
     parser.add_argument("--method", choices=METHODS, default="karcher",
-                        help="; ".join(f"{m.name}: {m.description}" for m in TABLE.values()) + " (default karcher)")
+                        help="; ".join(f"{m.name}: {m.description}" for m in TABLE.values()).replace("%", "%%")
+                             + " (default karcher)")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W",
                         help="one weight per LoRA (1 = full strength; default 1/N each)")
     parser.add_argument("--rank", type=_rank, default=None,

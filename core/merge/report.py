@@ -154,8 +154,13 @@ class MergeReport:
         head, body = self.group_rows(labels)
         rows = [head] + body
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        from .methods import TABLE
+
         lines = [f"{self.method} merge of {len(self.sources)} LoRAs ({self.family}), weights "
                  f"{', '.join(f'{w:g}' for w in self.weights)}"]
+        if self.method in TABLE:
+            m = TABLE[self.method]
+            lines.append(f"  {m.description}" + (f" [{m.paper}]" if m.paper else ""))
         lines += [f"  {x} = {name}" for x, name in zip(labels, self.sources)]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
