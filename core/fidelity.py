@@ -167,7 +167,7 @@ class FidelityReport:
         f = self.matrix("f")
         top = max(1.0, float(np.nanmax(f))) if np.isfinite(f).any() else 1.0
         return heatmap(f, self.sources, self.merges, title="Merge fidelity F per source (0 = kept)",
-                       vmin=0.0, vmax=top, colorbar_label="F = |e_merge - e_k| / |e_k - e_base|",
+                       vmin=0.0, vmax=top, colorbar_label="F (0 kept, 1 lost)",
                        cmap="magma", annotate=True)
 
 

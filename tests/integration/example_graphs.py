@@ -1,4 +1,4 @@
-"""The three example workflows as ComfyUI API-format graphs, and the LoRA files they name.
+"""The example workflows as ComfyUI API-format graphs, and the LoRA files they name.
 
 ``example_workflows/api/<name>.json`` are written from here (``python
 tests/integration/example_graphs.py``); the UI-format ``example_workflows/<name>.json``
@@ -127,6 +127,48 @@ def two_lora_analysis() -> dict:
     }
 
 
+MERGE_FIDELITY_MERGES = [("Karcher merge", "4", "karcher"), ("Linear merge", "5", "linear"),
+                         ("SVD merge", "6", "svd")]
+
+
+def merge_fidelity() -> dict:
+    """Two LoRAs merged three ways → one prompt and seed per merge → Compare Grid,
+    and beside it LoRA Merge Fidelity: how much of each source each merge keeps,
+    measured through the model."""
+    g = {
+        "1": _node("CheckpointLoaderSimple", "Load Checkpoint (SD1.5)", ckpt_name=CHECKPOINT),
+        "2": _node("GrassmannLoRALoad", "LoRA A", lora_name=LORA_A),
+        "3": _node("GrassmannLoRALoad", "LoRA B", lora_name=LORA_B),
+        "10": _node("EmptyLatentImage", "Empty Latent Image", width=512, height=512, batch_size=1),
+    }
+    for title, node_id, method in MERGE_FIDELITY_MERGES:
+        g[node_id] = _node("GrassmannLoRAKarcherMerge", title, model=["1", 0], clip=["1", 1],
+                           method=method, rank=0, weights="", dtype="fp16", strength_model=1.0,
+                           strength_clip=1.0, ties_density=0.2, dare_drop=0.5, dare_seed=0,
+                           lora_1=["2", 0], lora_2=["3", 0])
+    decoded = []
+    for k, (label, src, _) in enumerate(MERGE_FIDELITY_MERGES):
+        pos, neg, sampler, decode = (str(20 + 10 * k + i) for i in range(4))
+        g[pos] = _node("CLIPTextEncode", f"Prompt ({label})", clip=[src, 1], text=POSITIVE)
+        g[neg] = _node("CLIPTextEncode", f"Negative ({label})", clip=[src, 1], text=NEGATIVE)
+        g[sampler] = _node("KSampler", f"KSampler ({label})", model=[src, 0], positive=[pos, 0],
+                           negative=[neg, 0], latent_image=["10", 0], seed=42, steps=20, cfg=7.0,
+                           sampler_name="euler", scheduler="normal", denoise=1.0)
+        g[decode] = _node("VAEDecode", f"Decode ({label})", samples=[sampler, 0], vae=["1", 2])
+        decoded.append(decode)
+    g["70"] = _node("BatchImagesNode", "Batch Images", **{f"images.image{k}": [d, 0]
+                                                          for k, d in enumerate(decoded)})
+    g["80"] = _node("GrassmannLoRACompareGrid", "Compare Grid", images=["70", 0],
+                    labels="\n".join(label for label, _, _ in MERGE_FIDELITY_MERGES), reference=1,
+                    columns=0, upscale=0)
+    g["81"] = _node("SaveImage", "Save grid", images=["80", 0], filename_prefix="grassmann_merge_grid")
+    g["90"] = _node("GrassmannLoRAMergeFidelity", "LoRA Merge Fidelity", model=["1", 0], clip=["1", 1],
+                    merged_1=["4", 2], prompts=f"{POSITIVE}\n{POSITIVE}", weights="", seed=0, seeds=2,
+                    timesteps=3, width=512, height=512, merged_2=["5", 2], merged_3=["6", 2],
+                    lora_1=["2", 0], lora_2=["3", 0])
+    return g
+
+
 # Where the front end should put the nodes when the UI files are exported:
 # node id -> (x, y, width); plus notes (x, y, w, h, text) and groups (title, x, y, w, h).
 def _side_by_side_layout() -> dict:
@@ -181,16 +223,41 @@ def _two_lora_layout() -> dict:
             "groups": []}
 
 
+def _merge_fidelity_layout() -> dict:
+    nodes = {"1": (0, 0, 360), "10": (0, 200, 360), "2": (420, 0, 380), "3": (420, 330, 380),
+             "4": (860, 0, 440), "5": (860, 760, 440), "6": (860, 1520, 440),
+             "70": (2560, 0, 260), "80": (2560, 200, 480), "81": (3100, 0, 700), "90": (3100, 820, 760)}
+    for k in range(len(MERGE_FIDELITY_MERGES)):
+        y = 560 * k
+        nodes.update({str(20 + 10 * k): (1360, y, 420), str(21 + 10 * k): (1360, y + 220, 420),
+                      str(22 + 10 * k): (1840, y, 340), str(23 + 10 * k): (2240, y, 260)})
+    return {"nodes": nodes,
+            "notes": [(0, 420, 360, 520,
+                       "Merge two LoRAs three ways and check what each merge keeps of each source.\n\n"
+                       "Karcher Merge LoRA merges A and B (karcher, linear, svd); each merge renders the same "
+                       "prompt and seed, side by side in Compare Grid.\n\n"
+                       "LoRA Merge Fidelity runs the model itself: for each source, under its prompt, "
+                       "F = |e_merge - e_source| / |e_source - e_base| (0 = the merge does what the source "
+                       "does, 1 or more = nothing of it survives) and the cosine of the two updates, over 2 "
+                       "seeds x 3 noise levels. Cost: 2 sources x (2 + 3 merges) x 2 x 3 = 60 denoiser "
+                       "evaluations of one latent.\n\n"
+                       "Put an SD1.5 checkpoint and two SD1.5 LoRAs of your own in the loaders; one prompt "
+                       "line per source (empty = its trigger words).")],
+            "groups": [("Three merges, same prompt and seed", 1340, -60, 1180, 1760)]}
+
+
 LAYOUTS = {
     "1_side_by_side_merges": _side_by_side_layout,
     "2_library_map": _library_map_layout,
     "3_two_lora_analysis": _two_lora_layout,
+    "4_merge_fidelity": _merge_fidelity_layout,
 }
 
 WORKFLOWS = {
     "1_side_by_side_merges": side_by_side,
     "2_library_map": library_map,
     "3_two_lora_analysis": two_lora_analysis,
+    "4_merge_fidelity": merge_fidelity,
 }
 
 

@@ -408,6 +408,30 @@ def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
     assert np.array_equal(stock, images[k]), f"max difference {np.abs(stock - images[k]).max()}"
 
 
+# ----------------------------------------------------------------------------- workflow 4
+
+def test_merge_fidelity_workflow(comfy):
+    """Workflow 4 at test size: three merges rendered into one grid, and the
+    fidelity table of both sources against all three merges."""
+    g = json.loads((eg.API_DIR / "4_merge_fidelity.json").read_text())
+    g["10"]["inputs"].update(width=SIZE, height=SIZE)
+    for k in range(len(eg.MERGE_FIDELITY_MERGES)):
+        g[str(22 + 10 * k)]["inputs"].update(steps=STEPS, cfg=CFG)
+    g["90"]["inputs"].update(width=SIZE, height=SIZE, seeds=1, timesteps=1)
+    log_before = len(comfy.log_text())
+    entry = run(comfy, g, "workflow 4 (three merges + fidelity)")
+    assert "lora key not loaded" not in comfy.log_text()[log_before:]
+    fidelity = ui(entry, "90")["grassmann_table"][0]
+    assert [r[0] for r in fidelity["rows"]] == [Path(eg.LORA_A).stem, Path(eg.LORA_B).stem]
+    assert fidelity["columns"][3:] == [f"merged-{m}: F / cos" for _, _, m in eg.MERGE_FIDELITY_MERGES]
+    assert all(len(c.split(" / ")) == 2 for r in fidelity["rows"] for c in r[3:]), fidelity["rows"]
+    assert "10 denoiser evaluations" in fidelity["note"]
+    assert len(comfy.output_images(entry, "90")) == 1                      # the heatmap preview
+    grid = comfy.output_images(entry, "81", load=True)[0]
+    geo = pack("core.compare_grid").grid_geometry(len(eg.MERGE_FIDELITY_MERGES), SIZE, SIZE)
+    assert grid.shape == (geo.height, geo.width, 3)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 def _error(comfy, graph: dict, label: str) -> ch.ComfyExecutionError:
