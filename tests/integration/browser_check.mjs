@@ -48,7 +48,7 @@ try {
   await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
   const templates = await (await fetch(`${url}/api/workflow_templates`)).json();
   check(JSON.stringify((templates.grassmann_lora || []).sort()) ===
-    JSON.stringify(["1_side_by_side_merges", "2_library_map", "3_two_lora_analysis"]),
+    JSON.stringify(["1_side_by_side_merges", "2_library_map", "3_two_lora_analysis", "4_merge_fidelity"]),
     "the example workflows are offered in ComfyUI's template browser", { grassmann_lora: templates.grassmann_lora });
   await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
   await page.waitForFunction(() => {

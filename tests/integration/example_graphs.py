@@ -49,6 +49,35 @@ def _node(class_type: str, title: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
 
 
+def _merges(g: dict, merges, **extra) -> None:
+    """Karcher Merge LoRA nodes (node id, method, title) of LoRA A ("2") and B ("3")."""
+    for node_id, method, title in merges:
+        g[node_id] = _node("GrassmannLoRAKarcherMerge", title, model=["1", 0], clip=["1", 1],
+                           method=method, rank=0, weights="", dtype="fp16", strength_model=1.0,
+                           strength_clip=1.0, ties_density=0.2, dare_drop=0.5, dare_seed=0,
+                           lora_1=["2", 0], lora_2=["3", 0], **extra)
+
+
+def _rendered_grid(g: dict, branches, reference: int) -> None:
+    """Per (label, MODEL/CLIP node) one prompt, KSampler and decode (ids 20 + 10k …
+    23 + 10k, latent "10"), batched ("70") into a Compare Grid ("80")."""
+    decoded = []
+    for k, (label, src) in enumerate(branches):
+        pos, neg, sampler, decode = (str(20 + 10 * k + i) for i in range(4))
+        g[pos] = _node("CLIPTextEncode", f"Prompt ({label})", clip=[src, 1], text=POSITIVE)
+        g[neg] = _node("CLIPTextEncode", f"Negative ({label})", clip=[src, 1], text=NEGATIVE)
+        g[sampler] = _node("KSampler", f"KSampler ({label})", model=[src, 0], positive=[pos, 0],
+                           negative=[neg, 0], latent_image=["10", 0], seed=42, steps=20, cfg=7.0,
+                           sampler_name="euler", scheduler="normal", denoise=1.0)
+        g[decode] = _node("VAEDecode", f"Decode ({label})", samples=[sampler, 0], vae=["1", 2])
+        decoded.append(decode)
+    g["70"] = _node("BatchImagesNode", "Batch Images", **{f"images.image{k}": [d, 0]
+                                                          for k, d in enumerate(decoded)})
+    g["80"] = _node("GrassmannLoRACompareGrid", "Compare Grid", images=["70", 0],
+                    labels="\n".join(label for label, _ in branches), reference=reference,
+                    columns=0, upscale=0)
+
+
 def side_by_side() -> dict:
     """checkpoint → LoRA A, LoRA B, Karcher / linear / svd merges → one prompt and seed →
     five KSamplers → Compare Grid → SaveImage (+ the Karcher merge saved as a LoRA)."""
@@ -62,30 +91,10 @@ def side_by_side() -> dict:
                    strength_model=1.0, strength_clip=1.0, dtype="as stored"),
         "10": _node("EmptyLatentImage", "Empty Latent Image", width=512, height=512, batch_size=1),
     }
-    for node_id, method, title in (("6", "karcher", "Karcher merge"), ("7", "linear", "Linear merge"),
-                                   ("8", "svd", "SVD merge")):
-        g[node_id] = _node("GrassmannLoRAKarcherMerge", title, model=["1", 0], clip=["1", 1],
-                           method=method, rank=0, weights="", dtype="fp16", strength_model=1.0,
-                           strength_clip=1.0, ties_density=0.2, dare_drop=0.5, dare_seed=0,
-                           lora_1=["2", 0], lora_2=["3", 0])
+    _merges(g, (("6", "karcher", "Karcher merge"), ("7", "linear", "Linear merge"), ("8", "svd", "SVD merge")))
     g["9"] = _node("GrassmannLoRASave", "Save Karcher merge", lora=["6", 2], filename=SAVED_MERGE,
                    dtype="as stored", overwrite=False)
-    decoded = []
-    for k, (label, src) in enumerate(SIDE_BY_SIDE_SOURCES):
-        base = 20 + 10 * k
-        pos, neg, sampler, decode = (str(base + i) for i in range(4))
-        g[pos] = _node("CLIPTextEncode", f"Prompt ({label})", clip=[src, 1], text=POSITIVE)
-        g[neg] = _node("CLIPTextEncode", f"Negative ({label})", clip=[src, 1], text=NEGATIVE)
-        g[sampler] = _node("KSampler", f"KSampler ({label})", model=[src, 0], positive=[pos, 0],
-                           negative=[neg, 0], latent_image=["10", 0], seed=42, steps=20, cfg=7.0,
-                           sampler_name="euler", scheduler="normal", denoise=1.0)
-        g[decode] = _node("VAEDecode", f"Decode ({label})", samples=[sampler, 0], vae=["1", 2])
-        decoded.append(decode)
-    g["70"] = _node("BatchImagesNode", "Batch Images", **{f"images.image{k}": [d, 0]
-                                                          for k, d in enumerate(decoded)})
-    g["80"] = _node("GrassmannLoRACompareGrid", "Compare Grid", images=["70", 0],
-                    labels="\n".join(label for label, _ in SIDE_BY_SIDE_SOURCES), reference=0,
-                    columns=0, upscale=0)
+    _rendered_grid(g, SIDE_BY_SIDE_SOURCES, reference=0)
     g["81"] = _node("SaveImage", "Save grid", images=["80", 0], filename_prefix="grassmann_side_by_side")
     return g
 
@@ -141,26 +150,10 @@ def merge_fidelity() -> dict:
         "3": _node("GrassmannLoRALoad", "LoRA B", lora_name=LORA_B),
         "10": _node("EmptyLatentImage", "Empty Latent Image", width=512, height=512, batch_size=1),
     }
-    for title, node_id, method in MERGE_FIDELITY_MERGES:
-        g[node_id] = _node("GrassmannLoRAKarcherMerge", title, model=["1", 0], clip=["1", 1],
-                           method=method, rank=0, weights="", dtype="fp16", strength_model=1.0,
-                           strength_clip=1.0, ties_density=0.2, dare_drop=0.5, dare_seed=0,
-                           lora_1=["2", 0], lora_2=["3", 0])
-    decoded = []
-    for k, (label, src, _) in enumerate(MERGE_FIDELITY_MERGES):
-        pos, neg, sampler, decode = (str(20 + 10 * k + i) for i in range(4))
-        g[pos] = _node("CLIPTextEncode", f"Prompt ({label})", clip=[src, 1], text=POSITIVE)
-        g[neg] = _node("CLIPTextEncode", f"Negative ({label})", clip=[src, 1], text=NEGATIVE)
-        g[sampler] = _node("KSampler", f"KSampler ({label})", model=[src, 0], positive=[pos, 0],
-                           negative=[neg, 0], latent_image=["10", 0], seed=42, steps=20, cfg=7.0,
-                           sampler_name="euler", scheduler="normal", denoise=1.0)
-        g[decode] = _node("VAEDecode", f"Decode ({label})", samples=[sampler, 0], vae=["1", 2])
-        decoded.append(decode)
-    g["70"] = _node("BatchImagesNode", "Batch Images", **{f"images.image{k}": [d, 0]
-                                                          for k, d in enumerate(decoded)})
-    g["80"] = _node("GrassmannLoRACompareGrid", "Compare Grid", images=["70", 0],
-                    labels="\n".join(label for label, _, _ in MERGE_FIDELITY_MERGES), reference=1,
-                    columns=0, upscale=0)
+    # karcher_max_iter: the front end sends this optional widget's value (workflow 1 predates it)
+    _merges(g, ((node_id, method, title) for title, node_id, method in MERGE_FIDELITY_MERGES),
+            karcher_max_iter=50)
+    _rendered_grid(g, [(title, node_id) for title, node_id, _ in MERGE_FIDELITY_MERGES], reference=1)
     g["81"] = _node("SaveImage", "Save grid", images=["80", 0], filename_prefix="grassmann_merge_grid")
     g["90"] = _node("GrassmannLoRAMergeFidelity", "LoRA Merge Fidelity", model=["1", 0], clip=["1", 1],
                     merged_1=["4", 2], prompts=f"{POSITIVE}\n{POSITIVE}", weights="", seed=0, seeds=2,
@@ -238,7 +231,7 @@ def _merge_fidelity_layout() -> dict:
                        "prompt and seed, side by side in Compare Grid.\n\n"
                        "LoRA Merge Fidelity runs the model itself: for each source, under its prompt, "
                        "F = |e_merge - e_source| / |e_source - e_base| (0 = the merge does what the source "
-                       "does, 1 or more = nothing of it survives) and the cosine of the two updates, over 2 "
+                       "does, 1 = it is as far from the source as the bare model) and the cosine of the two updates, over 2 "
                        "seeds x 3 noise levels. Cost: 2 sources x (2 + 3 merges) x 2 x 3 = 60 denoiser "
                        "evaluations of one latent.\n\n"
                        "Put an SD1.5 checkpoint and two SD1.5 LoRAs of your own in the loaders; one prompt "
