@@ -9,8 +9,8 @@ and one noisy latent x_t,
 
 (ε_k: the base patched with source k at its weight; ε_base: unpatched),
 averaged over seeds × timesteps. F = 0 and cos = 1: the merge does exactly
-what source k does; F ≥ 1: nothing of source k survives (an empty merge gives
-F = 1 exactly).
+what source k does; F = 1: the merge is as far from source k as the bare
+model (an empty merge gives exactly 1); F > 1: farther still.
 
 The host (ComfyUI, WebUI) supplies ``evaluate(variant, k, noise, sigmas)``:
 the denoiser's ε for variant "base", "source:<k>" or "merge:<j>" under prompt
@@ -139,7 +139,7 @@ class FidelityReport:
                    f"(base + source + {len(self.merges)} merge(s)) × {len(self.seeds)} seed(s) × "
                    f"{len(self.sigmas)} timestep(s)")
         out.append("F = ‖ε_merge − ε_k‖ / ‖ε_k − ε_base‖ (0 = the merge does what source k does, "
-                   "≥ 1 = nothing of k survives); cos between ε_merge − ε_base and ε_k − ε_base; "
+                   "1 = as far from k as the bare model); cos between ε_merge − ε_base and ε_k − ε_base; "
                    "effect = ‖ε_k − ε_base‖ / ‖ε_base‖.")
         out.extend(self.notes)
         return "\n".join(out)

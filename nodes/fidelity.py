@@ -20,8 +20,8 @@ class GrassmannLoRAMergeFidelity:
     DESCRIPTION = ("Does the merged LoRA still do what each source did? For each source k, under its "
                    "prompt and on the same noisy latents, compares the model patched with the merge to "
                    "the model patched with source k alone (at its weight) and to the unpatched model: "
-                   "F = ‖ε_merge − ε_k‖ / ‖ε_k − ε_base‖ (0 = the merge does what k does, ≥ 1 = nothing "
-                   "of k survives) and the cosine between ε_merge − ε_base and ε_k − ε_base, averaged over "
+                   "F = ‖ε_merge − ε_k‖ / ‖ε_k − ε_base‖ (0 = the merge does what k does, 1 = it is as "
+                   "far from k as the bare model) and the cosine between ε_merge − ε_base and ε_k − ε_base, averaged over "
                    "seeds × timesteps. Patches through ComfyUI's own LoRA loading, so it measures what "
                    "the sampler sees. " + COST)
     CATEGORY = CATEGORY
@@ -123,7 +123,7 @@ def fidelity_tables(report) -> list[dict]:
     prompts = [[name, prompt] for name, prompt in zip(report.sources, report.prompts)]
     return [table("Merge fidelity through the model", cols, rows,
                   note="F = ‖ε_merge − ε_k‖ / ‖ε_k − ε_base‖: 0 = the merge does what source k does, "
-                       "≥ 1 = nothing of k survives. cos: between ε_merge − ε_base and ε_k − ε_base (1 = "
+                       "1 = as far from k as the bare model. cos: between ε_merge − ε_base and ε_k − ε_base (1 = "
                        "same direction). effect: ‖ε_k − ε_base‖ / ‖ε_base‖. "
                        f"{report.forward_passes} denoiser evaluations ({len(report.seeds)} seed(s) × "
                        f"{len(report.sigmas)} timestep(s), σ = "
