@@ -48,7 +48,7 @@ def _consensus(job: Job, side: str) -> torch.Tensor:
     return flag_mean(spaces, _weights(job, spaces[0]), 1).consensus
 
 
-def _rank(job: Job, opts: Options, consensus: dict[str, torch.Tensor]) -> int:
+def _rank(job: Job, opts: Options, consensus: dict[str, torch.Tensor] | None) -> int:
     """The job's rank, or with rank "auto" the consensus rank (at least 1, at most the
     smallest source rank: the Karcher mean needs p directions from every source)."""
     if opts.rank != "auto":
@@ -82,7 +82,8 @@ def karcher(job: Job, opts: Options) -> Merged:
 def karcher_batch(group: list[Job], opts: Options) -> list[Merged]:
     """Jobs with equal (d_out, d_in, K): means of both sides, then the cores. With rank
     "auto" jobs may end with different ranks: each rank is one batched call."""
-    cons = [{side: _consensus(j, side) for side in ("U", "V")} for j in group]
+    auto = opts.rank == "auto"
+    cons = [{side: _consensus(j, side) for side in ("U", "V")} if auto else None for j in group]
     ranks = [_rank(j, opts, c) for j, c in zip(group, cons)]
     out: list[Merged | None] = [None] * len(group)
     for p in sorted(set(ranks)):
@@ -94,8 +95,12 @@ def karcher_batch(group: list[Job], opts: Options) -> list[Merged]:
             w = torch.stack([_weights(j, bases) for j in jobs])
             res[side] = karcher_mean(bases, w, opts["tol"], opts["max_iter"], opts["distance"])
         for b, i in enumerate(idx):
-            stats = {side: {**_side(res[side], b), **_consensus_stats(cons[i][side], p)} for side in ("U", "V")}
-            out[i] = _merged(group[i], res["U"].mean[b], res["V"].mean[b], stats)
+            job = group[i]
+            whole = all(s.rank == p for s in job.sources)   # top-p spaces are the whole spaces
+            stats = {side: {**_side(res[side], b), **_consensus_stats(
+                cons[i][side] if cons[i] else res[side].consensus[b] if whole else _consensus(job, side), p)}
+                for side in ("U", "V")}
+            out[i] = _merged(job, res["U"].mean[b], res["V"].mean[b], stats)
     return out
 
 
@@ -119,29 +124,29 @@ def _max_angle_deg(mean: torch.Tensor, spaces: list[torch.Tensor]) -> float:
 
 def _chordal_means(job: Job, opts: Options, mean) -> Merged:
     """Both sides by a chordal rule on the sources' whole spaces: mean(spaces, w, p)
-    returns (basis, per-side figures)."""
-    cons = {side: _consensus(job, side) for side in ("U", "V")}
+    returns (basis, consensus eigenvalues, per-side figures)."""
+    cons = {side: _consensus(job, side) for side in ("U", "V")} if opts.rank == "auto" else None
     p = _rank(job, opts, cons)
     means, stats = {}, {}
     for side in ("U", "V"):
         spaces = _spaces(job, side)
-        means[side], figures = mean(spaces, _weights(job, spaces[0]), p)
+        means[side], lam, figures = mean(spaces, _weights(job, spaces[0]), p)
         angle = _max_angle_deg(means[side], spaces)
         stats[side] = {"grad_norm": 0.0, "unique": angle < 45.0, "max_angle_deg": angle, **figures,
-                       **_consensus_stats(cons[side], p)}
+                       **_consensus_stats(lam, p)}
     return _merged(job, means["U"], means["V"], stats)
 
 
 def chordal(job: Job, opts: Options) -> Merged:
     def mean(spaces, w, p):
         res = flag_mean(spaces, w, p)
-        return res.mean, {"iterations": 0, "converged": True, "unique": bool(res.unique)}
+        return res.mean, res.consensus, {"iterations": 0, "converged": True, "unique": bool(res.unique)}
     return _chordal_means(job, opts, mean)
 
 
 def flag_median_merge(job: Job, opts: Options) -> Merged:
     def mean(spaces, w, p):
         res = flag_median(spaces, w, p, max_iter=opts["max_iter"])
-        return res.mean, {"iterations": int(res.iterations), "converged": bool(res.converged),
+        return res.mean, res.consensus, {"iterations": int(res.iterations), "converged": bool(res.converged),
                           "objective": float(res.objective)}
     return _chordal_means(job, opts, mean)
