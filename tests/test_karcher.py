@@ -288,3 +288,23 @@ def test_real_files_converge_no_worse_than_plain_descent(real_loras_dir):
         assert bool(res.converged) and float(res.grad_norm) <= 1e-8
         gd = plain_descent(bases, w.numpy(), flag_mean(bases, w).mean, 300)
         assert cost(res.mean, bases, w) <= cost(gd, bases, w) + 1e-10
+
+
+def test_float32_converges_to_its_own_tolerance_with_an_orthonormal_basis():
+    bases = torch.stack([orth(30, 3, seed=80 + i) for i in range(3)]).float()
+    res = karcher_mean(bases, [1.0, 2.0, 1.0])
+    m = res.mean
+    assert m.dtype == torch.float32 and bool(res.converged) and float(res.grad_norm) <= 1e-5
+    assert torch.allclose(m.T @ m, torch.eye(3), atol=1e-5)
+    ref = karcher_mean(bases.double(), [1.0, 2.0, 1.0]).mean
+    assert max_angle(m.double(), ref) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the batched GPU path is not exercised")
+def test_cuda_batched_mean_equals_the_cpu_loop():
+    bases = torch.stack([torch.stack([orth(40, 4, seed=10 * b + k) for k in range(3)]) for b in range(5)])
+    w = torch.tensor([1.0, 2.0, 1.5], dtype=F64)
+    gpu = karcher_mean(bases.cuda(), w.cuda())
+    assert bool(gpu.converged.all())
+    for b in range(5):
+        assert max_angle(gpu.mean[b].cpu(), karcher_mean(bases[b], w).mean) < 1e-7

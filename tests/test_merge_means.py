@@ -80,3 +80,34 @@ def test_flag_median_merge_resists_an_outlier_lora():
     chord = merge(srcs, [1.0] * 5, method="chordal", rank=4, dtype=F64)
     median = merge(srcs, [1.0] * 5, method="flag-median", rank=4, dtype=F64)
     assert max_angle(merged_spaces(median, 4)[0], u_base) < 0.5 * max_angle(merged_spaces(chord, 4)[0], u_base)
+
+
+def planted_files(shared=2, private=2, d_out=40, d_in=30):
+    """Sources 1 and 2 share `shared` column and row directions (and each has `private`
+    of its own); source 3 has only its own. Equal weights: shared λ = 2/3 > ½."""
+    from tests.subspace_reference import orth
+    qu, qv = orth(d_out, 2 * shared + 4 * private, seed=50), orth(d_in, 2 * shared + 4 * private, seed=51)
+    g = torch.Generator().manual_seed(52)
+    files, start = [], shared
+    for k in range(3):
+        n = private if k < 2 else shared + private
+        cols = list(range(shared)) if k < 2 else []
+        cols += list(range(start, start + n))
+        start += n
+        s = torch.rand(len(cols), generator=g, dtype=F64) + 0.5
+        files.append(file(LoraModule("m", qu[:, cols] * s, qv[:, cols].T), k))
+    return files, qu[:, :shared], qv[:, :shared]
+
+
+@pytest.mark.parametrize("method", ["karcher", "chordal", "flag-median"])
+def test_rank_auto_keeps_the_directions_a_majority_shares(method):
+    files, u_shared, v_shared = planted_files()
+    res = merge(files, [1.0, 1.0, 1.0], method=method, rank="auto", dtype=F64)
+    mod = res.report.modules[0]
+    assert mod.rank == 2
+    for side in ("U", "V"):
+        assert mod.karcher[side]["consensus_rank"] == 2
+        assert np.allclose(mod.karcher[side]["consensus"][:2], 2 / 3, atol=1e-4)
+    if method != "karcher":      # karcher averages each source's top-2 singular spaces instead
+        u, v = merged_spaces(res, 2)
+        assert max_angle(u, u_shared) < 1e-6 and max_angle(v, v_shared) < 1e-6
