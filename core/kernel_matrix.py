@@ -48,7 +48,7 @@ from .factored import modules_svd
 from .kernels import CPD, INDEFINITE, PD, Kernel, make_kernel
 from .formats import require_same_base
 from .lora import LoraFile
-from .save import atomic_write
+from .save import write_text
 from .sdarch import TABLE_FAMILIES, arch_for
 
 SIDES = ("out", "in", "both")
@@ -177,14 +177,11 @@ class KernelMatrix:
         return out
 
     def to_json(self, path: str | None = None, result: "Clustering | None" = None,
-                indent: int | None = 1) -> str:
-        """JSON text (NaN as null); written atomically to ``path`` when given."""
+                indent: int | None = 1, overwrite: bool = False) -> str:
+        """JSON text (NaN as null); written by core.save's rules to ``path`` when given."""
         text = json.dumps(self.to_dict(result), indent=indent, allow_nan=False, ensure_ascii=False)
         if path:
-            def write(tmp):
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-            atomic_write(path, write, ".json", overwrite=True)
+            write_text(path, text, overwrite)
         return text
 
     def aggregation(self) -> str:

@@ -301,8 +301,7 @@ def heatmap(values: np.ndarray, row_labels: list[str], col_labels: list[str], ti
     return img
 
 
-def image_to_png(img: Image.Image, path: str, overwrite: bool = True) -> str:
-    """Write a PNG atomically (temporary file + rename, core.save.atomic_write).
-    Report images are regenerated freely, so replacing is the default."""
+def image_to_png(img: Image.Image, path: str, overwrite: bool = False) -> str:
+    """Write a PNG by core.save's rules (atomic; replaced only when asked)."""
     from .save import atomic_write
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), ".png", overwrite)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), overwrite=overwrite)

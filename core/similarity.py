@@ -36,7 +36,7 @@ from .grassmann import principal_angles
 from .lora import LoraFile, module_part
 from .measures import DISTANCES, HALF_PI, chance_grid, chance_phi, cross_rank_geodesic, distances, \
     phi_from_cosines, phi_grid
-from .save import atomic_write
+from .save import write_text
 from .sdarch import arch_for
 
 SIDES = ("out", "in")
@@ -218,13 +218,11 @@ class SimilarityReport:
                 "modules": [r.to_dict() for r in self.results],
                 "groups": self.groups(), "summary": self.summary()}
 
-    def to_json(self, path: str | None = None, indent: int | None = 1) -> str:
+    def to_json(self, path: str | None = None, indent: int | None = 1, overwrite: bool = False) -> str:
+        """JSON text; written by core.save's rules to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path:
-            def write(tmp: str) -> None:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-            atomic_write(path, write, ".json", overwrite=True)
+            write_text(path, text, overwrite)
         return text
 
     # -------------------------------------------------------------- text
@@ -250,11 +248,12 @@ class SimilarityReport:
                          f"mean geodesic distance {agg['geodesic_mean']:.3f} rad")
             lines.append(f"  {_verdict(agg['phi_over_chance'])}")
             width = max(len(e["module"]) for e in agg["most_similar"] + agg["least_similar"])
-            for title, key in (("most similar (by φ above chance)", "most_similar"),
-                               ("least similar", "least_similar")):
+            lines.append("  ranked by score = (φ − chance) / (1 − chance): 0 at chance, 1 identical")
+            for title, key in (("most similar", "most_similar"), ("least similar", "least_similar")):
                 lines.append(f"  {title}:")
                 for e in agg[key]:
-                    lines.append(f"    {e['module']:<{width}}  φ {e['phi']:.4f}  (chance {e['chance']:.4f})")
+                    lines.append(f"    {e['module']:<{width}}  score {e['phi_above_chance']:+.4f}  "
+                                 f"φ {e['phi']:.4f}  (chance {e['chance']:.4f})")
         if groups:
             lines.append("")
             lines.append("Groups (φ mean / median, chance, mean geodesic; count-weighted):")

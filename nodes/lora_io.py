@@ -141,13 +141,16 @@ class GrassmannLoRASave:
             "lora": (LORA_TYPE, {"tooltip": "The LoRA to save (usually a merge)."}),
             "filename": ("STRING", {"default": "grassmann_merge.safetensors",
                                     "tooltip": "File name inside the first loras folder (subfolders allowed, "
-                                               "no '..' or absolute paths); .safetensors is added if missing."}),
+                                               "no '..' or absolute paths); .safetensors is added if missing. "
+                                               "Numbered like Save Image (name_00001.safetensors, …) "
+                                               "unless 'overwrite' is on."}),
             "dtype": ([AS_STORED] + DTYPE_CHOICES, {
                 "default": AS_STORED,
                 "tooltip": "Precision written to the file; 'as stored' keeps each module's own."}),
             "overwrite": ("BOOLEAN", {"default": False,
-                                      "tooltip": "Replace an existing file of that name. Off: an existing "
-                                                 "file is an error and stays untouched."}),
+                                      "tooltip": "On: write exactly this name, replacing a file of that name. "
+                                                 "Off: never replace anything; each run writes the next "
+                                                 "numbered name."}),
         }}
 
     def run(self, lora, filename, dtype, overwrite):
@@ -158,16 +161,41 @@ class GrassmannLoRASave:
             ["file", name], ["folder", folder], ["modules", str(len(lora.modules))]])], text=path)
 
 
+_MODEL_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".sft", ".safetensors")
+
+
+def lora_file_name(filename: str) -> str:
+    """The name typed into the Save node as 'sub/name.safetensors': cleaned
+    (core.save.clean_relative_name) and given the .safetensors extension the
+    data has (another model extension is replaced, anything else kept)."""
+    from ..core.errors import LoraError
+    from ..core.save import clean_relative_name
+
+    name = clean_relative_name(filename)
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in _MODEL_SUFFIXES:
+        name = stem
+    if not os.path.basename(name):
+        raise LoraError(f"file name {filename!r} has no name before the extension")
+    return name + ".safetensors"
+
+
 def save_lora(lora, folder: str, filename: str, dtype=None, overwrite: bool = False) -> tuple[str, str]:
-    """Save into ``folder`` (never outside it); returns (absolute path, name relative to folder)."""
+    """Save into ``folder`` (never outside it); returns (absolute path, name
+    relative to folder). Without ``overwrite`` the name is numbered
+    (name_00001.safetensors, …), so re-running a workflow never fails and
+    never replaces an earlier result."""
+    from ..core.errors import LoraError
     from ..core.save import safe_output_path, save_kohya
 
-    name = filename.strip() if filename else filename
-    if name and not name.lower().endswith(".safetensors"):
-        name += ".safetensors"
-    path = safe_output_path(folder, name)
-    save_kohya(as_written(lora, dtype), path, dtype=dtype, overwrite=overwrite,
-               extra_metadata=_recipe_metadata(lora))
+    path = safe_output_path(folder, lora_file_name(filename))
+    try:
+        path = save_kohya(as_written(lora, dtype), path, dtype=dtype, overwrite=overwrite,
+                          extra_metadata=_recipe_metadata(lora), numbered=not overwrite)
+    except LoraError as err:
+        # the core speaks of --overwrite; this node's switch is the 'overwrite' toggle
+        raise LoraError(err.message.replace("pass --overwrite", "turn on 'overwrite'")
+                        .replace("pass overwrite", "turn on 'overwrite'"), err.path, err.key) from None
     rel = os.path.relpath(path, os.path.realpath(folder)).replace(os.sep, "/")
     return path, rel
 

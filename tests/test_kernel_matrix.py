@@ -363,6 +363,10 @@ def test_cli_on_saved_files(tmp_path, capsys):
             save_kohya(perturbed_lora(bases[b], 0.2, seed=10 * b + i), str(tmp_path / f"l{b}{i}.safetensors"))
     (tmp_path / "notes.txt").write_text("not a LoRA")
     out_json, out_png = tmp_path / "out" / "k.json", tmp_path / "out" / "k.png"
+    # the CLI never creates a missing output folder (a typo would scatter files)
+    assert main(["kernel", str(tmp_path), "--json", str(out_json)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
     rc = main(["kernel", str(tmp_path), "--beta", "0.5", "--json", str(out_json),
                "--heatmap", str(out_png)])
     assert rc == 0

@@ -255,7 +255,7 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_save_writes_kohya_and_refuses_escape_and_overwrite(tmp_path):
+def test_save_writes_kohya_numbered_and_refuses_escape(tmp_path):
     from safetensors.torch import load_file
     kohya_tensors = pack("core.save").kohya_tensors
 
@@ -263,25 +263,35 @@ def test_save_writes_kohya_and_refuses_escape_and_overwrite(tmp_path):
     folder.mkdir()
     lora = random_lora("sd1", rank=4, seed=0, limit=6)
     path, name = save_lora(lora, str(folder), "merged/test", None, False)
-    assert name == "merged/test.safetensors" and os.path.isfile(path)
+    assert name == "merged/test_00001.safetensors" and os.path.isfile(path)
     saved = load_file(path)
     want = kohya_tensors(lora)
     assert set(saved) == set(want)
     for k in want:
         assert torch.equal(saved[k], want[k]), k
 
+    # a re-run (overwrite off) never fails and never replaces: the next number
     before = _sha(path)
     other = random_lora("sd1", rank=4, seed=1, limit=6)
-    with pytest.raises(LoraError, match="exists"):
-        save_lora(other, str(folder), "merged/test.safetensors", None, False)
-    assert _sha(path) == before
-    save_lora(other, str(folder), "merged/test.safetensors", None, True)
-    assert _sha(path) != before
+    path2, name2 = save_lora(other, str(folder), "merged/test.safetensors", None, False)
+    assert name2 == "merged/test_00002.safetensors" and _sha(path) == before
+    # overwrite on: exactly the name typed, replaced on the next run
+    path3, name3 = save_lora(other, str(folder), "merged/test.safetensors", None, True)
+    assert name3 == "merged/test.safetensors"
+    first = _sha(path3)
+    save_lora(lora, str(folder), "merged/test.safetensors", None, True)
+    assert _sha(path3) != first
+    # another model extension is replaced, not kept in front of .safetensors
+    assert save_lora(lora, str(folder), "x.pt", None, True)[1] == "x.safetensors"
 
-    for bad in ("../escape.safetensors", str(tmp_path / "abs.safetensors"), "a/../../x.safetensors"):
-        with pytest.raises(LoraError, match="escapes"):
+    for bad in ("../escape.safetensors", str(tmp_path / "abs.safetensors"), "a/../../x.safetensors",
+                "a\x00b", "..\\..\\x", "C:\\Windows\\x", "~/x", ".", "sub/", "a\nb", "", "  ",
+                "a:b", "x" * 300):
+        with pytest.raises(LoraError) as err:
             save_lora(lora, str(folder), bad, None, True)
+        assert "\n" not in str(err.value) and "--overwrite" not in str(err.value), bad
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loras"]
+    assert sorted(p.name for p in folder.iterdir()) == ["merged", "x.safetensors"]
 
 
 def test_save_metadata_recipe_or_source(tmp_path):

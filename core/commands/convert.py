@@ -1,11 +1,9 @@
 """`python -m core convert IN OUT`: any readable LoRA → kohya-named safetensors."""
 from __future__ import annotations
 
-import os
 
 from ..conversion import carried_metadata, kohya_ready
-from ..errors import LoraError
-from ..save import DTYPES, save_kohya
+from ..save import DTYPES, check_outputs, save_kohya
 from ..sdarch import TABLE_FAMILIES
 
 HELP = ("Write any readable LoRA (kohya, diffusers, PEFT, ComfyUI, cloneofsimo, LyCORIS LoHa/LoKr) "
@@ -23,8 +21,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..formats import load_lora
 
-    if os.path.exists(args.input) and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
-        raise LoraError("output is the input file; write to a new file", args.output)
+    check_outputs({"OUT": args.output}, [args.input], args.overwrite, {"OUT": (".safetensors",)})
     lora = load_lora(args.input)
     dtype = DTYPES[args.dtype] if args.dtype else None
     path = save_kohya(kohya_ready(lora, dtype), args.output, dtype, args.overwrite, carried_metadata(lora))

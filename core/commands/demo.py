@@ -77,10 +77,10 @@ def run(args) -> int:
         report = compare(loras[a], loras[b], side="out")
         print(report.text_summary())
         stem = f"similarity_{a}_vs_{b}"
-        report.to_json(target(stem + ".json"))
-        image_to_png(report.heatmap_image(), target(stem + ".png"))
+        report.to_json(target(stem + ".json"), overwrite=args.overwrite)
+        image_to_png(report.heatmap_image(), target(stem + ".png"), args.overwrite)
         first = report.for_side("out")[0].module
-        image_to_png(report.grid_image(first), target(stem + "_phi_grid.png"))
+        image_to_png(report.grid_image(first), target(stem + "_phi_grid.png"), args.overwrite)
         print(f"  wrote {stem}.json, {stem}.png, {stem}_phi_grid.png ({time.perf_counter() - t:.1f} s)")
 
     t = _step("4. Grassmann kernel matrix (projection-rbf) and clusters over all six")
@@ -88,8 +88,8 @@ def run(args) -> int:
     km = compute_kernel_matrix([loras[n] for n in names], "projection-rbf", beta=1.0)
     clusters = cluster_kernel_matrix(km, method="spectral")
     print(km.text_summary(clusters))
-    km.to_json(target("kernel_matrix.json"), clusters)
-    image_to_png(km.heatmap_image(clusters), target("kernel_matrix.png"))
+    km.to_json(target("kernel_matrix.json"), clusters, overwrite=args.overwrite)
+    image_to_png(km.heatmap_image(clusters), target("kernel_matrix.png"), args.overwrite)
     print(f"  wrote kernel_matrix.json, kernel_matrix.png ({time.perf_counter() - t:.1f} s)")
 
     sources = [loras["style_a"], loras["style_a_v2"]]

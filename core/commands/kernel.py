@@ -46,6 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write names, kernel, matrix, counts, "
                                                        "eigenvalues, labels and order as JSON")
     parser.add_argument("--heatmap", metavar="FILE.png", help="PNG heatmap in cluster order")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
 
 
 def expand_paths(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -107,23 +108,29 @@ def cluster_as_asked(km, clusters: int | None, dbscan, method: str = "spectral",
 def run(args) -> int:
     from ..kernel_matrix import compute_kernel_matrix
     from ..plot import image_to_png
+    from ..progress import terminal_progress
+    from ..save import check_outputs
 
+    files, _ = expand_paths(args.paths)
+    check_outputs({"--json": args.json, "--heatmap": args.heatmap}, files, args.overwrite,
+                  {"--json": (".json",), "--heatmap": (".png",)})
     loras, skipped = load_all(args.paths)
     for line in skipped:
         print(f"warning: {line}", file=sys.stderr)
     if len(loras) < 2:
         raise LoraError(f"need at least two LoRAs, got {len(loras)}")
     km = compute_kernel_matrix(loras, args.kernel, args.beta, args.alpha, args.side,
-                               args.module_filter, args.top, force=args.force)
+                               args.module_filter, args.top, force=args.force,
+                               progress=terminal_progress("kernel matrix"))
     result, note = (None, None) if args.no_cluster else \
         cluster_as_asked(km, args.clusters, args.dbscan, args.method, args.seed, args.force)
     print(km.text_summary(result))
     if note:
         print(f"warning: {note}")
     if args.json:
-        km.to_json(args.json, result)
+        km.to_json(args.json, result, overwrite=args.overwrite)
         print(f"wrote {args.json}")
     if args.heatmap:
-        image_to_png(km.heatmap_image(result), args.heatmap)
+        image_to_png(km.heatmap_image(result), args.heatmap, args.overwrite)
         print(f"wrote {args.heatmap}")
     return 0

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 from ..errors import LoraError
-from ..save import DTYPES, atomic_write
+from ..save import DTYPES, check_outputs, write_text
 
 HELP = ("Merge LoRAs of one base model into one kohya LoRA by any method of the method table (--method); "
         "prints a fidelity table.")
@@ -16,7 +15,8 @@ def add_arguments(parser) -> None:
     from ..merge import METHODS, NAMINGS, TABLE
 
     parser.add_argument("sources", nargs="+", metavar="LORA", help="two or more LoRA files (any format)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="file to write")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+                        help="file to write (.safetensors; its folder must exist)")
     parser.add_argument("--method", choices=METHODS, default="karcher",
                         help="; ".join(f"{m.name}: {m.description}" for m in TABLE.values()).replace("%", "%%")
                              + " (default karcher)")
@@ -52,28 +52,22 @@ def _rank(text: str):
 def run(args) -> int:
     from ..formats import load_lora
     from ..merge import merge
+    from ..progress import terminal_progress
 
     if len(args.sources) < 2:
         raise LoraError("merge needs at least two LoRAs")
-    for src in args.sources:
-        if os.path.exists(src) and os.path.exists(args.output) and os.path.samefile(src, args.output):
-            raise LoraError("output is one of the inputs; write to a new file", args.output)
-    if args.report and os.path.exists(args.report) and not args.overwrite:
-        raise LoraError("file exists; pass --overwrite to replace it", args.report)
+    check_outputs({"-o": args.output, "--report": args.report}, args.sources, args.overwrite,
+                  {"-o": (".safetensors",), "--report": (".json",)})
     loras = [load_lora(path) for path in args.sources]
     result = merge(loras, args.weights, method=args.method, rank=args.rank, dtype=DTYPES[args.dtype],
                    seed=args.seed, ties_density=args.ties_density, dare_drop=args.dare_drop,
                    naming=args.naming, distance=args.distance, device=args.device, max_iter=args.max_iter,
-                   space=args.space, keep=args.keep, energy=args.energy)
+                   space=args.space, keep=args.keep, energy=args.energy,
+                   progress=terminal_progress("merging"))
     print(result.report.table())
     path = result.save(args.output, overwrite=args.overwrite)
     print(f"\nwrote {path}: {len(result.lora.modules)} modules, {result.lora.family_label}, {args.dtype}")
     if args.report:
-        text = json.dumps(result.report.to_dict(), indent=1)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-        atomic_write(args.report, write, ".json", args.overwrite)
+        write_text(args.report, json.dumps(result.report.to_dict(), indent=1), args.overwrite)
         print(f"report: {args.report}")
     return 0

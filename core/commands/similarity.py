@@ -9,6 +9,7 @@ HELP = ("Compare two LoRAs: subspace similarity φ against chance, principal ang
         "Grassmann distances per module, per block group and overall.")
 
 GRID_TEXT_MAX = 16
+GRID_CANDIDATES = 5
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(parser) -> None:
                              "printed, or drawn with --grid-png")
     parser.add_argument("--grid-png", metavar="FILE.png", help="draw the --grid module's φ(i, j) grid")
     parser.add_argument("--groups", action="store_true", help="also print the per-group table")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
 
 
 def _load(path: str):
@@ -37,23 +39,36 @@ def _load(path: str):
     return load_lora(path)
 
 
-def resolve_module(report, name: str) -> str:
-    """Accept the canonical name, the name without 'lora_unet_'/'lora_', or any
-    alias the architecture table knows (diffusers/LDM dotted paths)."""
-    names = {r.module for r in report.results}
+def resolve_module(a, b, name: str) -> str:
+    """The one module both LoRAs share that ``name`` means: the canonical name,
+    the name without 'lora_unet_'/'lora_', an alias the architecture table
+    knows (diffusers/LDM dotted paths), or else a unique part of a name.
+    Several matches are an error listing some of them."""
+    shared = [n for n in a.modules if n in b.modules]
     candidates = [name, "lora_unet_" + name, "lora_" + name]
     try:
         from ..sdarch import arch_for
-        alias = arch_for(report.a.family).canonical(name)
+        alias = arch_for(a.family).canonical(name)
         if alias:
             candidates.append(alias)
     except KeyError:
         pass
     for c in candidates:
-        if c in names:
+        if c in b.modules and c in a.modules:
             return c
-    raise LoraError("module not shared by both LoRAs; see the JSON report for the module names",
-                    report.a.path, name)
+    part = name.replace(".", "_")
+    found = [n for n in shared if part in n]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        shown = ", ".join(found[:GRID_CANDIDATES]) + (f" … (+{len(found) - GRID_CANDIDATES} more)"
+                                                        if len(found) > GRID_CANDIDATES else "")
+        raise LoraError(f"module name is ambiguous: {len(found)} shared modules match, e.g. {shown}",
+                        a.path, name)
+    only = [p for p in (a, b) if any(c in p.modules for c in candidates)]
+    where = f"it is only in {only[0].name}" if only else "neither LoRA has it"
+    raise LoraError(f"module not shared by both LoRAs ({where}); `inspect` lists the module names",
+                    a.path, name)
 
 
 def _grid_text(grid: np.ndarray) -> str:
@@ -66,35 +81,51 @@ def _grid_text(grid: np.ndarray) -> str:
     return "\n".join([head, *rows, *note])
 
 
+def _grid_paths(args) -> dict[str, str]:
+    """side -> PNG path for --grid-png (one per side with --side both)."""
+    if not args.grid_png:
+        return {}
+    from ..similarity import SIDES
+    sides = SIDES if args.side == "both" else (args.side,)
+    if len(sides) == 1:
+        return {sides[0]: args.grid_png}
+    stem, dot, ext = args.grid_png.rpartition(".")
+    return {side: (f"{stem}-{side}.{ext}" if dot else f"{args.grid_png}-{side}") for side in sides}
+
+
 def run(args) -> int:
     from ..plot import image_to_png
+    from ..progress import terminal_progress
+    from ..save import check_outputs
     from ..similarity import compare
 
     if args.grid_png and not args.grid:
         raise LoraError("--grid-png needs --grid MODULE")
+    grid_paths = _grid_paths(args)
+    outputs = {"--json": args.json, "--heatmap": args.heatmap,
+               **{f"--grid-png ({side})": p for side, p in grid_paths.items()}}
+    check_outputs(outputs, [args.a, args.b], args.overwrite,
+                  {"--json": (".json",), "--heatmap": (".png",),
+                   **{f"--grid-png ({side})": (".png",) for side in grid_paths}})
     a, b = _load(args.a), _load(args.b)
-    report = compare(a, b, side=args.side, top=args.top)
+    name = resolve_module(a, b, args.grid) if args.grid else None
+    report = compare(a, b, side=args.side, top=args.top, progress=terminal_progress("comparing"))
     print(report.text_summary(groups=args.groups))
     if args.json:
-        report.to_json(args.json)
+        report.to_json(args.json, overwrite=args.overwrite)
         print(f"\nJSON report: {args.json}")
     if args.heatmap:
-        image_to_png(report.heatmap_image(), args.heatmap)
+        image_to_png(report.heatmap_image(), args.heatmap, args.overwrite)
         print(f"heatmap: {args.heatmap}")
-    if args.grid:
-        name = resolve_module(report, args.grid)
+    if name:
         for side in report.sides:
             r = report.module(name, side)
             if not r.live:
                 print(f"\n{name} ({side}): dead in {r.dead_in} (ΔW = 0), no φ grid")
                 continue
-            if args.grid_png:
-                path = args.grid_png
-                if len(report.sides) > 1:
-                    stem, dot, ext = path.rpartition(".")
-                    path = f"{stem}-{side}.{ext}" if dot else f"{path}-{side}"
-                image_to_png(report.grid_image(name, side), path)
-                print(f"φ(i, j) grid for {name} ({side}): {path}")
+            if grid_paths:
+                image_to_png(report.grid_image(name, side), grid_paths[side], args.overwrite)
+                print(f"φ(i, j) grid for {name} ({side}): {grid_paths[side]}")
             else:
                 print(f"\nφ(i, j) for {name}, {side} side (chance at full rank {r.chance:.4f}):")
                 print(_grid_text(report.phi_grid(name, side)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -376,12 +377,14 @@ def test_compare_grid_size_and_tiles(comfy, side_by_side):
 
 def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
     entry, _, images, digests = side_by_side
-    saved = comfy.loras_dir / eg.SAVED_MERGE
+    name = ui(entry, "9")["grassmann_table"][0]["rows"][0][1]
+    stem = eg.SAVED_MERGE.removesuffix(".safetensors")
+    assert re.fullmatch(re.escape(stem) + r"_\d{5}\.safetensors", name)   # numbered, as SaveImage does
+    saved = comfy.loras_dir / name
     assert saved.is_file()
-    assert ui(entry, "9")["grassmann_table"][0]["rows"][0][1] == eg.SAVED_MERGE
     # listed by the stock loader without a restart
     listed = comfy.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
-    assert eg.SAVED_MERGE in listed
+    assert name in listed
     from safetensors import safe_open
     with safe_open(str(saved), "pt") as f:
         meta = f.metadata()
@@ -391,7 +394,7 @@ def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
 
     api = json.loads((eg.API_DIR / "1_side_by_side_merges.json").read_text())
     sampler = api["42"]["inputs"]
-    graph = ch.txt2img_graph(eg.CHECKPOINT, eg.SAVED_MERGE, strength_model=STRENGTH_MODEL, strength_clip=1.0,
+    graph = ch.txt2img_graph(eg.CHECKPOINT, name, strength_model=STRENGTH_MODEL, strength_clip=1.0,
                              positive=eg.POSITIVE, negative=eg.NEGATIVE, width=SIZE, height=SIZE,
                              steps=STEPS, cfg=CFG, seed=sampler["seed"],
                              sampler=sampler["sampler_name"], scheduler=sampler["scheduler"],
@@ -516,17 +519,25 @@ def test_sd2_with_sd15_is_an_error(comfy):
     assert "SD1.x" in msg and "merged" not in msg, msg
 
 
-def test_save_refuses_escape_and_overwrite(comfy):
+def test_save_refuses_escape_and_numbers_reruns(comfy):
     outside = comfy.loras_dir.parent / "escape.safetensors"
     g = {**_load(eg.LORA_A), "2": {"class_type": "GrassmannLoRASave", "inputs": {
         "lora": ["1", 0], "filename": "../escape.safetensors", "dtype": "fp16", "overwrite": True}}}
     err = _error(comfy, g, "error: save outside the loras folder")
-    assert "escapes" in err.exception_message and not outside.exists()
+    assert "output folder" in err.exception_message and not outside.exists()
+    for bad in ("C:\\Windows\\x", "~/x", "sub/", "a\nb"):
+        g["2"]["inputs"]["filename"] = bad
+        err = _error(comfy, g, f"error: bad name {bad!r}")
+        assert "file name" in err.exception_message and "\n" not in err.exception_message.strip()
     g["2"]["inputs"].update(filename="converted_a.safetensors", overwrite=False)
     first = run(comfy, g, "save a LoRA")
-    assert (comfy.loras_dir / "converted_a.safetensors").is_file() and ui(first, "2")
-    before = (comfy.loras_dir / "converted_a.safetensors").read_bytes()
-    g["2"]["inputs"]["dtype"] = "fp32"                       # new inputs, same name: must refuse
-    err = _error(comfy, g, "error: save over an existing file")
-    assert "exists" in err.exception_message
-    assert (comfy.loras_dir / "converted_a.safetensors").read_bytes() == before
+    assert ui(first, "2")["grassmann_table"][0]["rows"][0][1] == "converted_a_00001.safetensors"
+    before = (comfy.loras_dir / "converted_a_00001.safetensors").read_bytes()
+    g["2"]["inputs"]["dtype"] = "fp32"                       # a re-run: the next number, nothing replaced
+    second = run(comfy, g, "save again")
+    assert ui(second, "2")["grassmann_table"][0]["rows"][0][1] == "converted_a_00002.safetensors"
+    assert (comfy.loras_dir / "converted_a_00001.safetensors").read_bytes() == before
+    g["2"]["inputs"]["overwrite"] = True                     # asked: exactly the name typed
+    third = run(comfy, g, "save with overwrite")
+    assert ui(third, "2")["grassmann_table"][0]["rows"][0][1] == "converted_a.safetensors"
+    assert not [p for p in comfy.loras_dir.iterdir() if ".partial-" in p.name]
