@@ -39,6 +39,7 @@ class ModulePlan:
     rank: int                          # nominal dim (ComfyUI's alpha divisor when it uses one)
     divisor: int | None                # None: alpha is not used, scale 1
     naming: str = "kohya"
+    inner: int = 0                     # inner size of the factors as built (before compression)
 
     @property
     def first_key(self) -> str:
@@ -73,9 +74,47 @@ def plan_module(module_key: str, roles: dict[str, str], shape_of: Callable[[str]
     if kind is None:
         return None
     keys = {r: k for r, k in roles.items() if r != "alpha" and r != "dora_scale"}
+    for key in keys.values():
+        if 0 in tuple(shape_of(key)):
+            raise LoraError(f"factor has a zero-sized dimension (shape {tuple(shape_of(key))})", path, key)
     planner = {"lora": _plan_lora, "loha": _plan_loha, "lokr": _plan_lokr}[kind]
     d_out, d_in, weight_shape, rank, divisor = planner(keys, shape_of, path)
-    return ModulePlan(module_key, kind, keys, d_out, d_in, tuple(weight_shape), rank, divisor, naming)
+    inner = _inner_size(kind, keys, shape_of, rank)
+    if (d_out + d_in) * inner > MAX_FACTOR_ELEMENTS:
+        raise LoraError(f"{kind} module too large to read: its factors for a {d_out}×{d_in} layer need "
+                        f"inner size {inner}, {(d_out + d_in) * inner:,} numbers (at most "
+                        f"{MAX_FACTOR_ELEMENTS:,} are allowed per module)", path, next(iter(keys.values())))
+    return ModulePlan(module_key, kind, keys, d_out, d_in, tuple(weight_shape), rank, divisor, naming, inner)
+
+
+# Work and memory per module are bounded from the declared shapes before
+# anything is read: (d_out + d_in)·inner numbers (512 MB in fp32). The largest
+# real module (SDXL ff, 10240×1280, even a full-rank LoKr of it) needs 15 M.
+MAX_FACTOR_ELEMENTS = 2 ** 27
+
+
+def _inner_size(kind: str, keys: dict[str, str], shape_of, rank: int) -> int:
+    """Inner size of (up, down) as build_factors makes them, from shapes only."""
+    if kind == "lora":
+        return rank
+    if kind == "loha":
+        sizes = []
+        for n in ("1", "2"):
+            a = shape_of(keys[f"hada_w{n}_a"])
+            sizes.append(int(a[0]) if f"hada_t{n}" in keys else int(a[1]))
+        return sizes[0] * sizes[1]
+    if "lokr_w1" in keys:
+        first = int(min(shape_of(keys["lokr_w1"])))
+    else:
+        first = int(shape_of(keys["lokr_w1_a"])[1])
+    if "lokr_w2" in keys:
+        w2 = shape_of(keys["lokr_w2"])
+        second = int(min(w2[0], _flat(tuple(w2))))
+    elif "lokr_t2" in keys:
+        second = int(shape_of(keys["lokr_w2_a"])[0])
+    else:
+        second = int(shape_of(keys["lokr_w2_a"])[1])
+    return first * second
 
 
 def _plan_lora(keys, shape_of, path):

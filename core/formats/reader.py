@@ -26,6 +26,7 @@ from .adapters import ModulePlan, build_factors, plan_module
 from .fit import best_table, part_rows
 from .fused import fuse
 from .names import classify_extra, parse_key, resolve_module
+from .source import errors_name_the_file
 
 # Everything LoraFile.format can be.
 FORMATS = ("kohya", "lycoris-loha", "lycoris-lokr", "lycoris", "diffusers-processor", "diffusers",
@@ -410,12 +411,13 @@ def _peft_alpha(configs: dict[str, dict], module_key: str, rank: int) -> tuple[f
 
 def open_lora(path: str) -> LoraReader:
     """Open a LoRA for module-by-module reading (names and shapes checked now)."""
-    return LoraReader(path)
+    with errors_name_the_file(path):
+        return LoraReader(path)
 
 
 def load_lora(path: str) -> LoraFile:
     """Read a whole LoRA file of any supported format (decided by content)."""
-    with open_lora(path) as reader:
+    with errors_name_the_file(path), open_lora(path) as reader:
         return reader.load()
 
 

@@ -8,7 +8,9 @@ is to blame, the key.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -25,6 +27,8 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
               "I64": torch.int64, "I32": torch.int32,
               "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# types a header may name that are never LoRA factors: byte width, for the size check
+_ST_OTHER_DTYPES = {"U64": 8, "U32": 4, "U16": 2, "F8_E8M0": 1, "C64": 8}
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -110,6 +114,19 @@ class SafetensorsSource(TensorSource):
         self._handle = None
 
 
+# safetensors' own limit: a longer header is garbage, and reading it would
+# cost memory out of all proportion to a LoRA
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a safetensors header")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _read_safetensors_header(path: str) -> dict:
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -120,25 +137,46 @@ def _read_safetensors_header(path: str) -> dict:
         if n > size - 8:
             raise LoraError(f"truncated safetensors file: the header claims {n} bytes but the file "
                             f"has {size} bytes in all", path)
+        if n > MAX_HEADER_BYTES:
+            raise LoraError(f"corrupt safetensors header: it claims {n} bytes (at most "
+                            f"{MAX_HEADER_BYTES} are allowed)", path)
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        # NaN/Infinity are not JSON numbers: no shape or offset may be one
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+    except RecursionError:
+        raise LoraError("corrupt safetensors header (nested too deeply)", path) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise LoraError(f"corrupt safetensors header ({_first_line(exc, 80)})", path) from None
     data_size = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict)
+                                         and all(isinstance(v, str) for v in info.values())):
+                raise LoraError("corrupt safetensors header: __metadata__ must map names to strings",
+                                path, key)
             continue
         try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            info["shape"] = [int(s) for s in info["shape"]]
+            offsets, shape, dtype = info["data_offsets"], info["shape"], info["dtype"]
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                    and isinstance(shape, list) and all(map(_is_count, shape))):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise LoraError("corrupt safetensors header entry", path, key) from None
+            raise LoraError("corrupt safetensors header entry (data_offsets, shape and dtype must be "
+                            "whole numbers and a type name)", path, key) from None
+        begin, end = offsets
+        if dtype not in _ST_DTYPES and dtype not in _ST_OTHER_DTYPES:
+            raise LoraError(f"unknown tensor dtype {str(dtype)[:20]!r}", path, key)
         if end > data_size:
             raise LoraError(f"truncated file: this tensor's data ends at byte {8 + n + end} but the "
                             f"file has only {size} bytes", path, key)
+        width = _ST_OTHER_DTYPES.get(dtype) or torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
+        if end < begin or end - begin != math.prod(shape) * width:
+            raise LoraError(f"corrupt safetensors header entry: shape {shape} of {dtype} needs "
+                            f"{math.prod(shape) * width} bytes but data_offsets give {end - begin}",
+                            path, key)
     return header
 
 
@@ -146,15 +184,40 @@ def _looks_like_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def _flatten(obj, prefix: str, tensors: dict, others: dict) -> None:
-    """Nested dicts of tensors (a ``state_dict`` wrapper, TI files) to dotted keys."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach()  # cloneofsimo saved nn.Parameters
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors, others)
-    else:
-        others[prefix] = f"non-tensor value ({type(obj).__name__})"
+# A LoRA pickle is a flat dict or list, at most wrapped a few times
+# ('state_dict', TI files): deeper or larger structures are not LoRAs, and
+# walking them unbounded would hang (a DAG of shared lists has 2^depth paths).
+MAX_PICKLE_DEPTH = 16
+MAX_PICKLE_ENTRIES = 1_000_000
+
+
+def _flatten(obj, prefix: str, tensors: dict, others: dict, path: str) -> None:
+    """Nested dicts of tensors (a ``state_dict`` wrapper, TI files) to dotted
+    keys. Iterative and bounded: each container is visited once (a container
+    reached twice, e.g. one that holds itself, is refused), at most
+    MAX_PICKLE_DEPTH levels and MAX_PICKLE_ENTRIES entries."""
+    seen: set[int] = set()
+    stack = [(obj, prefix, 0)]
+    entries = 0
+    while stack:
+        item, key, depth = stack.pop()
+        entries += 1
+        if entries > MAX_PICKLE_ENTRIES:
+            raise LoraError(f"the pickle holds more than {MAX_PICKLE_ENTRIES} entries; not a LoRA", path)
+        if isinstance(item, torch.Tensor):
+            tensors[key] = item.detach()  # cloneofsimo saved nn.Parameters
+        elif isinstance(item, dict):
+            if id(item) in seen:
+                raise LoraError("the pickle refers to one container twice (self-referencing or shared "
+                                "structure); not a LoRA", path, key or None)
+            if depth >= MAX_PICKLE_DEPTH:
+                raise LoraError(f"the pickle is nested more than {MAX_PICKLE_DEPTH} levels deep; not a LoRA",
+                                path, key or None)
+            seen.add(id(item))
+            for k, v in reversed(list(item.items())):
+                stack.append((v, f"{key}.{k}" if key else str(k), depth + 1))
+        else:
+            others[key] = f"non-tensor value ({type(item).__name__})"
 
 
 def _load_torch(path: str) -> TensorSource:
@@ -171,18 +234,33 @@ def _load_torch(path: str) -> TensorSource:
     if isinstance(obj, (list, tuple)):
         tensors, others = {}, {}
         for i, item in enumerate(obj):
-            _flatten(item, f"[{i}]", tensors, others)
+            _flatten(item, f"[{i}]", tensors, others, path)
         return TensorSource(path, tensors, {}, others, kind="list")
     if isinstance(obj, dict):
         inner = obj.get("state_dict")
         if isinstance(inner, dict) and all(isinstance(v, torch.Tensor) for v in inner.values()):
             obj = inner
         tensors, others = {}, {}
-        _flatten(obj, "", tensors, others)
+        _flatten(obj, "", tensors, others, path)
         return TensorSource(path, tensors, {}, others, kind="torch")
     if isinstance(obj, torch.Tensor):
         raise LoraError("the file holds a single tensor, not a LoRA", path)
     raise LoraError(f"the file holds a {type(obj).__name__}, not a LoRA state dict", path)
+
+
+@contextlib.contextmanager
+def errors_name_the_file(path: str):
+    """Last line of defence: an unexpected failure while reading ``path``
+    (a case the checks above missed) still reaches the user as one line
+    naming the file, never as a traceback."""
+    try:
+        yield
+    except LoraError:
+        raise
+    except (RecursionError, OverflowError, MemoryError, ValueError, RuntimeError, OSError,
+            IndexError, KeyError, TypeError, struct.error) as exc:
+        raise LoraError(f"cannot read this file ({type(exc).__name__}: {_first_line(exc, 160)})",
+                        str(path)) from None
 
 
 def open_source(path: str) -> TensorSource:
