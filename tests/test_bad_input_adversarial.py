@@ -212,3 +212,46 @@ def test_load_node_names_the_file_for_every_case(cases):
             lora_io.load_cached(str(path))
         assert type(err.value).__name__ == "LoraError", (label, type(err.value))
         _check(str(err.value), path, key, words)
+
+
+# ------------------------------------------------------------------ merge parameters, checked up front
+
+@pytest.fixture(scope="module")
+def rank1_pair(tmp_path_factory):
+    from core.save import save_kohya
+    from core.synthetic import random_lora
+    folder = tmp_path_factory.mktemp("merge_params")
+    return [save_kohya(random_lora("sd1", rank=1, seed=s, limit=3), str(folder / f"r{s}.safetensors"))
+            for s in (1, 2)]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--weights", "1e308", "1e308"], "out of range"),
+    (["--weights", "1e30", "1e30", "--dtype", "fp16"], "out of range"),
+    (["--weights", "nan", "1"], "finite"),
+    (["--max-iter", "-1"], "max_iter"),
+    (["--rank", "4"], "rank 1 here"),
+])
+def test_merge_parameters_refused_before_writing(rank1_pair, tmp_path, extra, words):
+    out = tmp_path / "m.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "core", "merge", *rank1_pair, "-o", str(out), *extra],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert words in lines[0] and not out.exists()
+    if words == "rank 1 here":   # names the file and the module
+        assert rank1_pair[0] in lines[0] and "key 'lora_unet_" in lines[0]
+
+
+def test_eigh_failure_is_one_line_naming_the_module(rank1_pair, monkeypatch):
+    from core.merge import methods, merge
+    from core.formats import load_lora as load
+
+    def broken(job, opts):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+    import dataclasses
+    monkeypatch.setitem(methods.TABLE, "svd", dataclasses.replace(methods.TABLE["svd"], merge=broken))
+    with pytest.raises(LoraError) as err:
+        merge([load(p) for p in rank1_pair], None, "svd", 1)
+    assert "failed numerically" in str(err.value) and err.value.key.startswith("lora_unet_")

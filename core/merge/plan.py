@@ -24,6 +24,9 @@ from ..errors import LoraError
 from ..lora import LoraFile
 
 
+MAX_WEIGHT = 1e4
+
+
 @dataclass
 class Options:
     """What the run loop hands every method besides the module: the requested
@@ -49,6 +52,9 @@ def check_weights(loras: list[LoraFile], weights, method) -> list[float]:
         raise LoraError(f"{len(w)} weight(s) given for {len(loras)} LoRAs")
     if not all(math.isfinite(x) for x in w):
         raise LoraError(f"weights must be finite numbers, got {w}")
+    for lora, x in zip(loras, w):
+        if abs(x) > MAX_WEIGHT:     # beyond any strength in use; products of such overflow
+            raise LoraError(f"weight {x:g} is out of range (at most {MAX_WEIGHT:g} in size)", lora.path)
     if all(x == 0 for x in w):
         raise LoraError("all weights are zero: nothing to merge")
     if method.negative_weights:
@@ -85,7 +91,7 @@ def check_rank_request(specs: dict[str, list[int]], loras: list[LoraFile], metho
         raise LoraError(f"merge rank must be a whole number or 'auto', got {rank!r}")
     if rank < 1:
         raise LoraError(f"merge rank must be at least 1, got {rank}")
-    allowed = []
+    best, best_name, best_ks = None, None, []
     for name, ks in specs.items():
         if len(ks) < 2:
             continue
@@ -93,11 +99,16 @@ def check_rank_request(specs: dict[str, list[int]], loras: list[LoraFile], metho
         d_out, d_in = mods[0].d_out, mods[0].d_in
         if rank > min(d_out, d_in):
             raise LoraError(f"rank {rank} is more than any {d_out}×{d_in} layer can hold "
-                            f"(at most {min(d_out, d_in)})", key=name)
-        allowed.append(method.rank_limit(d_out, d_in, [m.factor_rank for m in mods]))
-    if allowed and rank > max(allowed):
+                            f"(at most {min(d_out, d_in)})", loras[ks[0]].path, name)
+        limit = method.rank_limit(d_out, d_in, [m.factor_rank for m in mods])
+        if best is None or limit > best:
+            best, best_name, best_ks = limit, name, ks
+    if best is not None and rank > best:
+        k = min(best_ks, key=lambda k: loras[k].modules[best_name].factor_rank)
         raise LoraError(f"rank {rank} is more than the sources allow for a {method.name} merge (at most "
-                        f"{max(allowed)} in any module): {method.rank_reason}")
+                        f"{best}, in this module; {loras[k].name} has rank "
+                        f"{loras[k].modules[best_name].factor_rank} here): {method.rank_reason}",
+                        loras[k].path, best_name)
 
 
 def set_rank(job, method, rank: int | None) -> None:

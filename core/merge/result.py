@@ -12,7 +12,7 @@ import torch
 from .. import __version__
 from ..errors import LoraError
 from ..lora import LoraFile
-from ..save import atomic_save, kohya_metadata, kohya_tensors
+from ..save import save_kohya
 from .report import MergeReport
 
 NAMINGS = ("first", "kohya")
@@ -30,21 +30,15 @@ class MergeResult:
     def recipe(self) -> dict:
         return json.loads(self.lora.metadata[RECIPE_KEY])
 
-    def save(self, path: str, dtype: torch.dtype | None = None, overwrite: bool = False) -> str:
-        """Write a kohya-style .safetensors (atomic, no overwrite unless asked) with
-        kohya metadata plus the recipe; keys follow the chosen naming."""
+    def save(self, path: str, dtype: torch.dtype | None = None, overwrite: bool = False,
+             numbered: bool = False) -> str:
+        """Write a kohya-style .safetensors through core.save.save_kohya (the
+        one LoRA writer: atomic, no overwrite unless asked, finite values only)
+        with kohya metadata plus the recipe; keys follow the chosen naming."""
         if not self.lora.modules:
             raise LoraError("nothing to save: the merge has no modules", path)
-        tensors = kohya_tensors(self.lora, dtype)
-        if self.key_names:
-            tensors = {_rename(key, self.key_names): t for key, t in tensors.items()}
-        return atomic_save(tensors, path, kohya_metadata(self.lora, self.lora.metadata), overwrite)
-
-
-def _rename(key: str, stems: dict[str, str]) -> str:
-    stem, rest = key.split(".", 1)
-    return f"{stems.get(stem, stem)}.{rest}"
-
+        return save_kohya(self.lora, path, dtype, overwrite, self.lora.metadata, self.key_names or None,
+                          numbered)
 
 
 def first_naming(first: LoraFile, out: LoraFile) -> dict[str, str]:

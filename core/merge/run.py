@@ -144,7 +144,13 @@ def _run(specs, loras, w, method, opts: Options, batched: bool):
             yield job, Merged(s.module.up.to(opts.device, torch.float64),
                               s.module.down.to(opts.device, torch.float64), s.weight * s.module.scale)
         elif not batched or method.batch is None:
-            yield job, method.merge(job, opts)
+            try:
+                merged = method.merge(job, opts)
+            except torch.linalg.LinAlgError as exc:   # eigh/svd did not converge: name the module
+                raise LoraError(f"the {method.name} merge failed numerically here "
+                                f"({str(exc).strip().splitlines()[0][:120]}); check the weights and sources",
+                                key=name) from None
+            yield job, merged
         else:
             key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
             pending.setdefault(key, []).append(job)
