@@ -39,7 +39,12 @@ def _load(path: str):
     return load_lora(path)
 
 
-def resolve_module(a, b, name: str) -> str:
+def resolve_module(report, name: str) -> str:
+    """shared_module for a finished report (the WebUI's similarity route)."""
+    return shared_module(report.a, report.b, name)
+
+
+def shared_module(a, b, name: str) -> str:
     """The one module both LoRAs share that ``name`` means: the canonical name,
     the name without 'lora_unet_'/'lora_', an alias the architecture table
     knows (diffusers/LDM dotted paths), or else a unique part of a name.
@@ -108,7 +113,7 @@ def run(args) -> int:
                   {"--json": (".json",), "--heatmap": (".png",),
                    **{f"--grid-png ({side})": (".png",) for side in grid_paths}})
     a, b = _load(args.a), _load(args.b)
-    name = resolve_module(a, b, args.grid) if args.grid else None
+    name = shared_module(a, b, args.grid) if args.grid else None
     report = compare(a, b, side=args.side, top=args.top, progress=terminal_progress("comparing"))
     print(report.text_summary(groups=args.groups))
     if args.json:
