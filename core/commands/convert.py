@@ -1,7 +1,6 @@
 """`python -m core convert IN OUT`: any readable LoRA → kohya-named safetensors."""
 from __future__ import annotations
 
-
 from ..conversion import carried_metadata, kohya_ready
 from ..save import DTYPES, check_outputs, save_kohya
 from ..sdarch import TABLE_FAMILIES
