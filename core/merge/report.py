@@ -162,10 +162,10 @@ class MergeReport:
             m = TABLE[self.method]
             lines.append(f"  {m.description}" + (f" [{m.paper}]" if m.paper else ""))
         lines += [f"  {x} = {name}" for x, name in zip(labels, self.sources)]
-        if karcher:
+        if any(m.karcher for m in self.modules):
             lines.append("  iters = Karcher gradient evaluations per module side, mean/max (0: two sources, "
                          "closed form); non-uniq = modules whose sources lie outside the π/4 ball where "
-                         "the mean is unique")
+                         "the mean is unique; grad max = largest gradient norm at the stop")
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0 or i == len(rows) - 2:
