@@ -25,12 +25,12 @@ EXPECTED = {
     # 2 context_refiner × 5 + 2 noise_refiner × 6 + 30 layers × 6 + 4 embed + 2 final;
     # Qwen3-4B 36 layers × 7
     ("z_image", "base"): (2 * 5 + 2 * 6 + 30 * 6 + 6, {"te": 36 * 7}),
-    # blocks × (8 attn + 2 ffn [+ k_img, v_img]) + 5 embed [+ 2 img_emb] + head; UMT5-XXL 24 × 7
-    ("wan", "1.3b"): (30 * 10 + 6, {"te": 168}),
-    ("wan", "14b"): (40 * 10 + 6, {"te": 168}),
-    ("wan", "5b"): (30 * 10 + 6, {"te": 168}),
-    ("wan", "1.3b-i2v"): (30 * 12 + 8, {"te": 168}),
-    ("wan", "14b-i2v"): (40 * 12 + 8, {"te": 168}),
+    # blocks × (8 attn + 2 ffn [+ k_img, v_img]) + patch + 5 embed [+ 2 img_emb] + head; UMT5-XXL 24 × 7
+    ("wan", "1.3b"): (30 * 10 + 7, {"te": 168}),
+    ("wan", "14b"): (40 * 10 + 7, {"te": 168}),
+    ("wan", "5b"): (30 * 10 + 7, {"te": 168}),
+    ("wan", "1.3b-i2v"): (30 * 12 + 9, {"te": 168}),
+    ("wan", "14b-i2v"): (40 * 12 + 9, {"te": 168}),
 }
 FAMILIES = ("sd3", "qwen_image", "z_image", "wan")
 
@@ -82,6 +82,8 @@ WIDTHS = [
     ("wan", "5b", "blocks.0.ffn.2", (3072, 14336)),
     ("wan", "14b-i2v", "blocks.3.cross_attn.v_img", (5120, 5120)),
     ("wan", "14b-i2v", "img_emb.proj.3", (5120, 1280)),
+    ("wan", "14b-i2v", "patch_embedding", (5120, 36, 1, 2, 2)),
+    ("wan", "5b", "patch_embedding", (3072, 48, 1, 2, 2)),
 ]
 
 

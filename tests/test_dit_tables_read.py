@@ -12,6 +12,8 @@ from core.errors import LoraError
 from core.formats import load_lora, open_lora
 from core.formats.reader import require_same_family
 from core.lora import LoraFile, LoraModule
+from core.merge import merge
+from core.save import save_kohya
 from core.sdarch import arch_for
 from core.similarity import compare
 from tests import dit_files
@@ -167,6 +169,22 @@ def test_generic_attention_files_detected(tmp_path, family, variant, blocks, rea
     for fmt in ("peft", "diffsynth"):
         with open_lora(dit_files.write(src, family, variant, fmt, tmp_path / f"{fmt}.safetensors")) as reader:
             assert (reader.family, reader.variant) == (family, read_as), reader.family_reason
+
+
+@pytest.mark.parametrize("family,variant", [("sd3", "3.5-medium"), ("z_image", "base"), ("wan", "1.3b")])
+def test_merge_across_formats_equals_merge_of_converted(tmp_path, family, variant):
+    """A kohya file merged with a diffusers-trained file (split q/k/v) equals the
+    merge of the kohya file with that file converted to kohya naming."""
+    names = [n for n in dit_files.sample_names(family, variant) if n.startswith("lora_unet_")][:24]
+    a = dit_files.random_dit_lora(family, variant, names, rank=3, seed=10)
+    b = random_parts(family, variant, names, rank=2, seed=11)
+    fa = load_lora(dit_files.write(a, family, variant, "kohya", tmp_path / "a.safetensors"))
+    fb = load_lora(dit_files.write(b, family, variant, "peft", tmp_path / "b.safetensors"))
+    fb_kohya = load_lora(save_kohya(fb, str(tmp_path / "b_kohya.safetensors")))
+    mixed, same = (merge([fa, other], method="svd", rank=2).lora for other in (fb, fb_kohya))
+    assert set(mixed.modules) == set(same.modules) == set(names)
+    for name in names:
+        torch.testing.assert_close(_dense(mixed.modules[name]), _dense(same.modules[name]), rtol=1e-4, atol=1e-9)
 
 
 def test_families_do_not_mix(tmp_path):

@@ -13,7 +13,7 @@ lora_to_diffusers``): self_attn.{q,k,v,o} ↔ attn1.{to_q,to_k,to_v,to_out.0},
 cross_attn.… ↔ attn2.…, k_img/v_img ↔ attn2.add_k_proj/add_v_proj,
 ffn.0/ffn.2 ↔ ffn.net.0.proj/ffn.net.2, head.head ↔ proj_out, text/time
 embeddings ↔ condition_embedder.*; nothing is split. The patch embedding is
-a Conv3d no trainer adapts; it is left out.
+a Conv3d (weight 5-D, flattened to dim × in·1·2·2 like a conv).
 
 Text encoder: UMT5-XXL. ComfyUI maps a UMT5 LoRA only by its own key
 ``text_encoders.umt5xxl.transformer.encoder.block.N.…``; its canonical name
@@ -31,7 +31,7 @@ _SIZES = {"1.3b": (1536, 8960, 30, 16), "14b": (5120, 13824, 40, 16), "5b": (307
 # preferred first: a T2V file fits its I2V table too (a superset)
 VARIANTS = ("14b", "1.3b", "5b", "14b-i2v", "1.3b-i2v")
 
-FREQ, TEXT, CLIP_VISION, PATCH = 256, 4096, 1280, 4
+FREQ, TEXT, CLIP_VISION, PATCH, PATCH_3D = 256, 4096, 1280, 4, (1, 2, 2)
 
 
 @table(FAMILY, VARIANTS)
@@ -39,6 +39,8 @@ def build(arch: Arch, variant: str):
     size, _, mode = variant.partition("-")
     dim, ffn, depth, latent = _SIZES[size]
     i2v = mode == "i2v"
+    # a Conv3d (1×2×2 patches); I2V models take 36 channels (latent, mask, image latent)
+    linear(arch, "patch_embedding", (dim, 36 if i2v else latent, *PATCH_3D), "embed", "patch_embedding")
     linear(arch, "text_embedding.0", (dim, TEXT), "embed", "condition_embedder.text_embedder.linear_1")
     linear(arch, "text_embedding.2", (dim, dim), "embed", "condition_embedder.text_embedder.linear_2")
     linear(arch, "time_embedding.0", (dim, FREQ), "embed", "condition_embedder.time_embedder.linear_1")
