@@ -77,13 +77,23 @@ class GrassmannLoRAKarcherMerge:
                                                      "rank input is then ignored."}),
                 "energy": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.005,
                                      "tooltip": "rank_auto: share of the merged energy kept per module."}),
+                "block_weights": ("STRING", {"default": "", "multiline": True,
+                                             "tooltip": "One line per connected LoRA (slot order; empty line or "
+                                                        "'-': all blocks at 1): an LBW preset (INS, OUTALL, …), "
+                                                        "LBW values (SD1.5 17/26, SDXL 12/20) or label=value pairs "
+                                                        "(IN04=0,M00=0.5, or the model's block groups). Scales that "
+                                                        "LoRA's weight per block: take blocks from A, others from B."}),
+                "normalise": ("BOOLEAN", {"default": False,
+                                          "tooltip": "linear/concat/svd: stack without burning — directions "
+                                                     "several LoRAs share come out at one LoRA's strength, "
+                                                     "directions one LoRA uses alone stay untouched."}),
                 **lora_slot_inputs("to merge"),
             },
         }
 
     def run(self, model, clip, method, rank, weights, dtype, strength_model, strength_clip,
             ties_density, dare_drop, dare_seed, karcher_max_iter=50, space="core", tsv_keep=1.0,
-            rank_auto=False, energy=0.99, **slots):
+            rank_auto=False, energy=0.99, block_weights="", normalise=False, **slots):
         from ..core.errors import LoraError
         from ..core.merge import merge
 
@@ -97,7 +107,8 @@ class GrassmannLoRAKarcherMerge:
                        "auto" if rank_auto else merge_rank(method, rank),
                        dtype=save_dtype(dtype), seed=dare_seed, ties_density=ties_density,
                        dare_drop=dare_drop, naming="kohya", max_iter=karcher_max_iter,
-                       progress=progress, space=space, keep=tsv_keep, energy=energy)   # per module; cancel raises
+                       progress=progress, space=space, keep=tsv_keep, energy=energy, normalise=normalise,
+                       block_weights=block_specs(block_weights, len(loras)))   # per module; cancel raises
         # The merged factors are already cast to `dtype`: applying them "as stored"
         # is exactly what LoraLoader does with the file Save LoRA writes from them.
         model_out, clip_out = apply_lora(model, clip, result.lora, strength_model, strength_clip, None)
@@ -105,6 +116,15 @@ class GrassmannLoRAKarcherMerge:
         text = result.report.table()
         return node_result((model_out, clip_out, result.lora, text),
                            tables=fidelity_tables(result.report, [slot for slot, _ in connected]), text=text)
+
+
+def block_specs(text: str, n: int) -> list[str | None] | None:
+    """The block_weights input as core.merge takes it: one line per LoRA; blank: none."""
+    lines = [line.strip() for line in text.strip().splitlines()] if text.strip() else []
+    if not lines:
+        return None
+    lines += [""] * max(0, n - len(lines))
+    return [None if x in ("", "-") else x for x in lines]
 
 
 def merge_rank(method: str, rank: int) -> int | None:

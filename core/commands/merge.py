@@ -29,6 +29,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--space", choices=("core", "full"), default=None,
                         help="ties/dare: on the sources' core coordinates (default, exact from factors) or "
                              "on the dense ΔW (full, as published)")
+    parser.add_argument("--block-weights", nargs="+", metavar="SPEC",
+                        help="one spec per LoRA ('-' for none): an LBW preset (INS, OUTALL, …), LBW values "
+                             "(SD1/SD2 17 or 26, SDXL 12 or 20) or label=value pairs (IN04=0,M00=0.5 or the "
+                             "family's block groups); scales that LoRA's weight per block")
+    parser.add_argument("--normalise", action="store_true",
+                        help="linear/concat/svd: stack without burning — directions several LoRAs share at one "
+                             "LoRA's strength, directions one LoRA uses alone untouched (see README)")
     parser.add_argument("--keep", type=float, default=None, help="tsv: share of each source's singular "
                                                                    "triplets used (default all)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="factor dtype written")
@@ -62,7 +69,9 @@ def run(args) -> int:
     result = merge(loras, args.weights, method=args.method, rank=args.rank, dtype=DTYPES[args.dtype],
                    seed=args.seed, ties_density=args.ties_density, dare_drop=args.dare_drop,
                    naming=args.naming, distance=args.distance, device=args.device, max_iter=args.max_iter,
-                   space=args.space, keep=args.keep, energy=args.energy,
+                   space=args.space, keep=args.keep, energy=args.energy, normalise=args.normalise,
+                   block_weights=None if not args.block_weights else
+                   [None if x == "-" else x for x in args.block_weights],
                    progress=terminal_progress("merging"))
     print(result.report.table())
     path = result.save(args.output, overwrite=args.overwrite)

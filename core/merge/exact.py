@@ -5,18 +5,43 @@
     svd      best rank-p approximation of Σ w_k ΔW_k: frames of the stacked
              factors and the top-p triplets of the (Σr)×(Σr) core — equal to
              truncating a dense SVD.
+
+normalise ("stack without burning", both): the sum seen through the number of
+sources using each direction. N_out = Σ_k Π_k, Π_k the orthogonal projector
+onto source k's column space (N_in likewise on the row spaces), and
+    ΔW_norm = f(N_out)·(Σ w_k ΔW_k)·f(N_in),   f(λ) = min(1, λ^−½)
+on N's eigen-directions. A direction one source uses alone has λ = 1 and keeps
+its full strength; one that m sources share exactly (same input and output
+directions) has λ = m on both sides and is divided by m — what one source
+gives; partly shared directions fall in between; f never amplifies. Computed
+in the job's frames from the sources' own singular vectors (n×n eigenproblems).
 """
 from __future__ import annotations
 
 import torch
 
-from ..factored import RANK_RTOL, leading_svd
+from ..factored import RANK_RTOL, FactoredSVD, leading_svd
 from .basis import Job, Merged, split
 from .plan import Options
 from .truncate import finish
 
 
+def _shrink(n: torch.Tensor) -> torch.Tensor:
+    lam, vec = torch.linalg.eigh(n)
+    return (vec * lam.clamp_min(1.0).rsqrt()) @ vec.T
+
+
+def normalised(job: Job) -> FactoredSVD:
+    """The SVD of ΔW_norm (module docstring) in the job's frames."""
+    n_out = sum(s.svd.U @ s.svd.U.T for s in job.sources)
+    n_in = sum(s.svd.V @ s.svd.V.T for s in job.sources)
+    u, s, vh = torch.linalg.svd(_shrink(n_out) @ job.target_core @ _shrink(n_in), full_matrices=False)
+    return FactoredSVD(u, s, vh.T)
+
+
 def linear(job: Job, opts: Options) -> Merged:
+    if opts.params.get("normalise"):
+        return finish(job, normalised(job), opts)
     dev = opts.device
     up = torch.cat([s.weight * s.module.scale * s.module.up.to(dev, torch.float64) for s in job.sources], 1)
     down = torch.cat([s.module.down.to(dev, torch.float64) for s in job.sources], 0)
@@ -28,6 +53,8 @@ def svd(job: Job, opts: Options) -> Merged:
     leading_svd when its spectrum allows, and the error is the norm of the
     difference matrix (no cancellation); else from the full SVD, error
     ‖S_T[p:]‖ (exact, a sum of squares). Rank auto: truncate.finish on the target's spectrum."""
+    if opts.params.get("normalise"):
+        return finish(job, normalised(job), opts)
     if opts.rank == "auto":
         return finish(job, job.target, opts)
     if job.frames is not None:

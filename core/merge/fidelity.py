@@ -8,6 +8,7 @@ import torch
 
 from ..factored import FactoredSVD, svd_from_factors
 from ..measures import phi
+from .advisor import advise
 from .basis import Job, Merged
 from .report import ModuleReport
 
@@ -59,4 +60,4 @@ def fidelity(job: Job, res: Merged, group: str, status: str) -> ModuleReport | N
     rel = error / target if target > 0 else (0.0 if error == 0 else None)
     note = "rank lowered to what the sources allow" if job.capped else ""
     return ModuleReport(job.name, group, status, [s.index for s in job.sources], int(res.down.shape[0]),
-                        target, error, rel, energy, kept, phis, res.stats, note, res.truncation)
+                        target, error, rel, energy, kept, phis, res.stats, note, res.truncation, advise(job))

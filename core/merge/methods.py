@@ -126,12 +126,18 @@ DARE_DROP = Param("dare_drop", 0.5, "dare: probability of dropping each entry (t
                   label="dare drop probability", low=0.0, high=1.0, high_open=True)
 SPACE = Param("space", "core", "core: the rule on the sources' intrinsic core coordinates (exact, from factors); "
               "full: on the dense ΔW entries as TIES/DARE were published", choices=("core", "full"))
+NORMALISE = Param("normalise", False, "stack without burning: directions several sources share come out at "
+                  "one source's strength, directions one source uses alone untouched", choices=(False, True))
 KEEP = Param("keep", 1.0, "tsv: fraction of each source's singular triplets used (top ones)", label="tsv keep",
              low=0.0, high=1.0, low_open=True)
 
 
 def _by_space(core: Callable, full: Callable) -> Callable:
     return lambda job, opts: full(job, opts) if opts["space"] == "full" else core(job, opts)
+
+
+def _normalising(params: dict) -> bool:
+    return bool(params.get("normalise"))
 
 
 def _in_core(params: dict) -> bool:
@@ -163,12 +169,12 @@ register(Method(
                      "svd merge to subtract a LoRA",
     rank_auto=True, batch=karcher_batch))
 register(Method("linear", linear, "exact weighted sum Σ w_k ΔW_k by concatenated factors (rank adds up); "
-                "for unrelated LoRAs", ranked=False))
+                "for unrelated LoRAs", params=(NORMALISE,), ranked=False, framed=_normalising))
 register(Method("concat", linear, "the linear merge under its other name: factors side by side, exact",
-                ranked=False))
+                params=(NORMALISE,), ranked=False, framed=_normalising))
 register(Method("svd", svd, "best rank-p approximation of the exact weighted sum (truncated SVD from factors)",
-                framed=True, rank_limit=lambda d_out, d_in, ranks: min(sum(ranks), d_out, d_in),
-                rank_auto=energy_rank))
+                params=(NORMALISE,), framed=True,
+                rank_limit=lambda d_out, d_in, ranks: min(sum(ranks), d_out, d_in), rank_auto=energy_rank))
 register(Method("ties", _by_space(ties_core, ties_full),
                 "TIES: trim each source to its largest entries, elect signs by the sum, disjoint mean; on the "
                 "core coordinates (space core) or the dense ΔW (space full); for partly overlapping LoRAs",

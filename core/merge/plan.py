@@ -64,12 +64,28 @@ def check_weights(loras: list[LoraFile], weights, method) -> list[float]:
     return w
 
 
-def module_specs(loras: list[LoraFile], w: list[float]) -> dict[str, list[int]]:
-    """Every module name (in first-seen order) -> the sources with a nonzero weight that have it."""
+def module_names(loras: list[LoraFile]) -> list[str]:
+    """Every module name, in first-seen order."""
     names: dict[str, None] = {}
     for lora in loras:
         names.update(dict.fromkeys(lora.modules))
-    specs = {name: [k for k, lora in enumerate(loras) if name in lora.modules and w[k] != 0] for name in names}
+    return list(names)
+
+
+def module_weights(w: list[float], factors: list[dict[str, float]] | None, name: str) -> list[float]:
+    """The sources' weights in one module: w_k times source k's block factor there (block weights)."""
+    if not factors:
+        return w
+    return [x * f.get(name, 1.0) for x, f in zip(w, factors)]
+
+
+def module_specs(loras: list[LoraFile], w: list[float], factors: list[dict[str, float]] | None = None
+                 ) -> dict[str, list[int]]:
+    """Every module name (in first-seen order) -> the sources with a nonzero weight there that have it."""
+    specs = {}
+    for name in module_names(loras):
+        wm = module_weights(w, factors, name)
+        specs[name] = [k for k, lora in enumerate(loras) if name in lora.modules and wm[k] != 0]
     return {name: ks for name, ks in specs.items() if ks}
 
 

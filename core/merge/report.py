@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..karcher import DETERMINISTIC_CHOICE
+from .advisor import ADVICE, OVERLAP_TIMES, group_advice
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ModuleReport:
     karcher: dict | None = None    # per side "U"/"V": iterations, grad_norm, angles, flags
     note: str = ""
     truncation: float | None = None  # ‖result − rank-p result‖/‖result‖ for rules truncated after the fact
+    advice: dict | None = None     # core.merge.advisor: φ vs chance, widest angle, the method that fits
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -72,6 +74,9 @@ class MergeReport:
         cuts = [m.truncation for m in mods if m.truncation is not None]
         if cuts:
             out["truncation_max"] = max(cuts)
+        advised = [m.advice for m in mods if m.advice]
+        if advised:
+            out["advice"] = {a: sum(x["advice"] == a for x in advised) for a in ADVICE}
         sides = [side for m in mods if m.karcher for side in m.karcher.values()]
         if sides:
             iters = [s["iterations"] for s in sides]
@@ -108,6 +113,9 @@ class MergeReport:
         cut = any(m.truncation is not None for m in self.modules)
         if cut:
             head.append("trunc")
+        advised = any(m.advice for m in self.modules)
+        if advised:
+            head += ["φ/chance", "max∠", "advice"]
         karcher = any(m.karcher for m in self.modules)
         if karcher:
             head += ["iters", "grad max", "non-uniq", "consensus"]
@@ -129,6 +137,11 @@ class MergeReport:
             if cut:
                 cuts = [m.truncation for m in mods if m.truncation is not None]
                 cells.append(f"{max(cuts):.1e}" if cuts else "-")
+            if advised:
+                adv = [m.advice for m in mods if m.advice]
+                cells += ([f"{sum(a['phi'] / a['chance'] for a in adv) / len(adv):.1f}",
+                           f"{max(a['max_angle_deg'] for a in adv):.0f}°", group_advice(adv)]
+                          if adv else ["-", "-", "-"])
             if karcher:
                 its = [s["iterations"] for m in mods if m.karcher for s in m.karcher.values()]
                 cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")
@@ -177,6 +190,10 @@ class MergeReport:
             lines.append(f"skipped ({reason}): {len(names)} module(s)")
         if self.capped:
             lines.append(f"rank lowered to what the sources allow in {len(self.capped)} module(s)")
+        if "advice" in s:
+            lines.append(f"advice (per module: {', '.join(f'{k} {v}' for k, v in s['advice'].items())}): karcher "
+                         "for close versions (all principal angles < 45°), ties/tsv/iso for partial overlap "
+                         f"(φ > {OVERLAP_TIMES:g}× chance), linear/concat for unrelated LoRAs")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

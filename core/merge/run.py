@@ -23,7 +23,8 @@ from ..sdarch import TABLE_FAMILIES, arch_for
 from . import methods
 from .basis import Merged, Workspace, prepare
 from .fidelity import fidelity
-from .plan import Options, check_rank_request, check_weights, module_specs, set_rank
+from .blocks import block_factors
+from .plan import Options, check_rank_request, check_weights, module_names, module_specs, module_weights, set_rank
 from .report import MergeReport, ModuleReport, add_warnings
 from .result import KOHYA_LIKE, NAMINGS, RECIPE_KEY, MergeResult, first_naming, recipe
 
@@ -36,7 +37,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           device: torch.device | str | None = None, batched: bool | None = None,
           threads: int | None = 1, tol: float | None = None, max_iter: int = 50,
           progress: Callable[[int, int], None] | None = None, space: str | None = None,
-          keep: float | None = None, energy: float = 0.99) -> MergeResult:
+          keep: float | None = None, energy: float = 0.99,
+          block_weights: list[str | None] | None = None, normalise: bool = False) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA (methods: core.merge.methods).
 
     dtype: factor dtype of the result (computation is float64, except the dense
@@ -54,6 +56,9 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     module the smallest rank holding `energy` of the merged energy; methods with
     a rank_auto policy). space: ties/dare on the core coordinates ("core",
     default) or the dense ΔW ("full"). keep: tsv's share of each source's triplets.
+    block_weights: per source None or a block-weight spec (core.merge.blocks:
+    LBW preset, LBW value list, label=value pairs) scaling its weight per block.
+    normalise: linear/concat/svd "stack without burning" (core.merge.exact).
     progress(done, total) is called after each module is merged and measured
     (total = modules to merge); raising inside it stops the merge (how ComfyUI
     cancels): the exception propagates and nothing is returned.
@@ -64,7 +69,9 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     if not loras:
         raise LoraError("no LoRAs to merge")
     given = {"seed": seed, "ties_density": ties_density, "dare_drop": dare_drop, "distance": distance,
-             "tol": tol, "max_iter": max_iter, "space": space, "keep": keep}
+             "tol": tol, "max_iter": max_iter, "space": space, "keep": keep, "normalise": normalise}
+    if normalise and not any(p.name == "normalise" for p in m.params):
+        raise LoraError(f"normalise is offered for the exact merges (linear, concat, svd), not {method}")
     params = m.options({k: v for k, v in given.items() if v is not None or k == "tol"})
     if not 0 < energy <= 1:
         raise LoraError(f"rank auto energy share must be in (0, 1], got {energy}")
@@ -75,15 +82,22 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     dev = torch.device(device) if device is not None else default_device()
     if batched is None:
         batched = dev.type == "cuda"
-    specs = module_specs(loras, w)
+    groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
+    factors = None
+    if block_weights is not None:
+        if len(block_weights) != len(loras):
+            raise LoraError(f"{len(block_weights)} block-weight spec(s) given for {len(loras)} LoRAs")
+        factors = block_factors(list(block_weights), module_names(loras), family, groups)
+    specs = module_specs(loras, w, factors)
+    if not specs:
+        raise LoraError("nothing to merge: the block weights leave every module at weight 0")
     check_rank_request(specs, loras, m, rank)
     opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params, energy)
     with linalg_threads(threads if dev.type == "cpu" else None):
         report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
-        groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
         done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
         dead: set[str] = set()
-        for job, res in _run(specs, loras, w, m, opts, batched):
+        for job, res in _run(specs, loras, w, factors, m, opts, batched):
             if res is None:
                 dead.add(job)
             else:
@@ -119,11 +133,12 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     if naming == "first" and loras[0].format not in KOHYA_LIKE:
         report.warnings.append(f"{loras[0].name} is a {loras[0].format} file; keys are written with "
                                "kohya names, which ComfyUI maps the same way")
-    out.metadata[RECIPE_KEY] = json.dumps(recipe(loras, report, params))
+    made = dict(params, block_weights=list(block_weights)) if block_weights is not None else params
+    out.metadata[RECIPE_KEY] = json.dumps(recipe(loras, report, made))
     return MergeResult(out, report, key_names)
 
 
-def _run(specs, loras, w, method, opts: Options, batched: bool):
+def _run(specs, loras, w, factors, method, opts: Options, batched: bool):
     """Prepares and merges one module at a time. Yields (job, Merged), or (name,
     None) for a module dead in every source. Batched jobs come when their batch
     is done."""
@@ -134,7 +149,8 @@ def _run(specs, loras, w, method, opts: Options, batched: bool):
         yield from zip(group, method.batch(group, opts))
 
     for name, ks in specs.items():
-        job = prepare(name, ks, loras, w, opts.device, method.is_framed(opts.params), work)
+        job = prepare(name, ks, loras, module_weights(w, factors, name), opts.device,
+                      method.is_framed(opts.params), work)
         if job is None:
             yield name, None
             continue
