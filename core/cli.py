@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import LoraError
@@ -14,8 +15,14 @@ from .errors import LoraError
 COMMANDS = ("inspect", "convert", "similarity", "kernel", "merge", "demo")
 
 
+def _prog() -> str:
+    """'grassmann-lora' when run as the installed command, else 'python -m core'."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("__main__.py", "-c") else "python -m core"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="python -m core",
+    parser = argparse.ArgumentParser(prog=_prog(),
                                      description="Grassmann LoRA: inspect, compare and merge LoRAs "
                                                  "on the Grassmann manifold.")
     sub = parser.add_subparsers(dest="command", required=True)
