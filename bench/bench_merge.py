@@ -22,7 +22,8 @@ products, Σr = 256 here) and decompose the Σr×Σr core (one eigh); the column
 any method of this kind can reach on that shape on this machine.
 
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full [svd] [karcher]] [--full-dense]
-                                [--device cuda] [--max-iter 50] [--skip-kohya]
+                                [--device cuda] [--max-iter 50] [--skip-kohya] [--skip-means]
+                                [--batch-modules 16]
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from core.synthetic import perturbed_lora, random_lora  # noqa: E402
 
 RANK = 64
 WEIGHTS = [0.25, 0.25, 0.25, 0.25]
+MEANS = ("karcher", "chordal", "flag-median")    # the geometric means, timed against our svd merge
 
 
 def timed(fn):
@@ -109,6 +111,28 @@ def iteration_stats(res) -> str:
             f"modules; largest source-to-mean angle {k['max_angle_deg']:.0f}°")
 
 
+def means_summary(per: dict, sides: dict, extrapolate) -> None:
+    """Each geometric mean against our svd merge on the sample, with its convergence figures
+    (per module side: steps, gradient norm, Hessian-vector products, Hessian check, consensus)."""
+    svd_total = extrapolate(per["svd"])
+    print("\ngeometric means (whole LoRA extrapolated from the sample; ratio to our svd merge):")
+    for method in MEANS:
+        if method not in per:
+            continue
+        total, ss = extrapolate(per[method]), sides[method]
+        steps = [s["iterations"] for s in ss]
+        text = (f"  {method:<12} {total:8.1f} s  {total / svd_total:5.2f}× svd;  steps mean {sum(steps) / len(steps):.1f} "
+                f"max {max(steps)}, not converged {sum(not s['converged'] for s in ss)}/{len(ss)} sides, "
+                f"not unique {sum(not s['unique'] for s in ss)}")
+        if method == "karcher":
+            hv = [s["hess_products"] for s in ss]
+            text += (f", grad max {max(s['grad_norm'] for s in ss):.1e}, Hessian products mean "
+                     f"{sum(hv) / len(hv):.0f} max {max(hv)}, local minimum {sum(s['local_min'] for s in ss)}/"
+                     f"{len(ss)} (certified by the Weyl bound {sum(s['hessian_lower'] > 0 for s in ss)})")
+        cons = [s["consensus_rank"] for s in ss]
+        print(text + f", consensus rank mean {sum(cons) / len(cons):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-shape", type=int, default=2, help="sampled modules per distinct shape")
@@ -121,6 +145,9 @@ def main() -> None:
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--skip-threads", action="store_true", help="skip the 1 vs 2 threads comparison")
     parser.add_argument("--skip-kohya", action="store_true", help="skip the full_matrices=True baseline (slow)")
+    parser.add_argument("--skip-means", action="store_true", help="skip chordal and flag-median")
+    parser.add_argument("--batch-modules", type=int, default=16,
+                        help="modules of one shape for the karcher loop-vs-batched comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dense baseline "
                         "and for our merges alike (default 1)")
     args = parser.parse_args()
@@ -162,14 +189,16 @@ def main() -> None:
     floor_total = extrapolate(floor)
 
     # ours, per module on the sample (one merge call per module, for the per-shape table)
-    per = {"svd": {}, "karcher": {}}
-    iters = {}
+    per = {"svd": {}, "karcher": {}, **{m: {} for m in MEANS[1:] if not args.skip_means}}
+    iters, sides = {}, defaultdict(list)
     for n in sample:
         for method in per:
             t, res = our_merge(loras, [n], method, dev, max_iter=args.max_iter, threads=args.threads)
             per[method][n] = t
             if method == "karcher":
                 iters[n] = [s["iterations"] for s in res.report.modules[0].karcher.values()]
+            if method in MEANS:
+                sides[method] += list(res.report.modules[0].karcher.values())
     print(f"\nseconds per module (mean over the sample), ratios against the thin dense baseline")
     print(f"{'shape':>12} {'count':>5} {'kohya':>7} {'thin':>7} {'svd':>7} {'karcher':>7} {'floor':>7} "
           f"{'thin/svd':>8} {'thin/karcher':>12} {'thin/floor':>10} {'karcher iters U/V':>18}")
@@ -209,6 +238,7 @@ def main() -> None:
     against = f"kohya {kohya_total / floor_total:.1f}×, " if kohya_total is not None else ""
     print(f"ratio dense / floor: {against}thin {thin_total / floor_total:.1f}× "
           "(no exact factored svd merge can beat these on this machine)")
+    means_summary(per, sides, extrapolate)
     if full_iters is not None:
         print(full_iters)
     else:
@@ -223,7 +253,7 @@ def main() -> None:
         s2 = our_merge(loras, sample, "svd", dev, threads=2)[0]
         print(f"\nthreads, {len(sample)}-module sample: karcher 1 thread {t1:.2f} s, 2 threads {t2:.2f} s; "
               f"svd 1 thread {s1:.2f} s, 2 threads {s2:.2f} s")
-    same = max(by_shape.values(), key=len)[:16]
+    same = max(by_shape.values(), key=len)[:args.batch_modules]
     shape = loras[0].modules[same[0]]
     t_loop, r_loop = our_merge(loras, same, "karcher", dev, max_iter=args.max_iter, batched=False)
     t_batch, r_batch = our_merge(loras, same, "karcher", dev, max_iter=args.max_iter, batched=True)

@@ -219,7 +219,9 @@ def add_warnings(report: MergeReport) -> None:
         report.warnings.append(
             f"{report.method} mean not unique in {len(bad)} of {len(report.modules)} module(s): sources lie up "
             f"to {worst:.0f}° (principal angle) from the mean, beyond the π/4 = 45° ball where it is "
-            f"unique (Afsari 2011); deterministic choice: {DETERMINISTIC_CHOICE}")
+            f"unique (Afsari 2011); deterministic choice: {DETERMINISTIC_CHOICE}. Sources this far apart "
+            f"share few directions (consensus rank in the table): a mean keeps little of each; the exact "
+            f"linear/concat merge keeps every source, and rank auto keeps only what a majority shares")
     slow = [m for m in report.modules if m.karcher and not all(s["converged"] for s in m.karcher.values())]
     if slow:
         grad = max(s["grad_norm"] for m in slow for s in m.karcher.values())
