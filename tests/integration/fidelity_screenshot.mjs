@@ -1,0 +1,69 @@
+// Screenshot of workflow 4 (LoRA Merge Fidelity beside the Compare Grid) after a
+// real run in headless Chromium. Driven by fidelity_screenshot.py, which starts
+// ComfyUI and passes the API graph (already shrunk to test size).
+//
+//   node fidelity_screenshot.mjs <comfy url> <api graph json> <out png>
+import { createRequire } from "node:module";
+import fs from "node:fs";
+import path from "node:path";
+
+const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
+const { chromium } = require("playwright-core");
+const [url, graphFile, outPng] = process.argv.slice(2);
+const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run"];
+const userDir = fs.mkdtempSync(path.join(path.dirname(outPng), "chromium-profile-"));
+const context = await chromium.launchPersistentContext(userDir, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true, args: FLAGS, viewport: { width: 1100, height: 1200 },
+});
+let rc = 1;
+try {
+  const page = context.pages()[0] || (await context.newPage());
+  await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
+  await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
+  await page.waitForFunction(() => {
+    const app = window.app ?? window.comfyAPI?.app?.app;
+    return app && app.isGraphReady && app.canvas && window.LiteGraph?.registered_node_types?.["GrassmannLoRAMergeFidelity"];
+  }, null, { timeout: 120000 });
+  await page.waitForLoadState("networkidle", { timeout: 60000 }).catch(() => {});
+  await page.waitForTimeout(1500);
+  const api = JSON.parse(fs.readFileSync(graphFile, "utf8"));
+  const run = await page.evaluate(async (api) => {
+    const app = window.app ?? window.comfyAPI.app.app;
+    await app.loadApiJson(api, "4_merge_fidelity");
+    await new Promise((r) => setTimeout(r, 500));
+    const g = app.rootGraph;
+    // the two result nodes side by side, far from the rest of the graph (whose
+    // DOM widgets would float over them), wide enough for the table
+    const grid = g.findNodesByType("GrassmannLoRACompareGrid")[0];
+    const fid = g.findNodesByType("GrassmannLoRAMergeFidelity")[0];
+    grid.pos = [20000, 40];
+    grid.size = [360, 700];
+    fid.pos = [20400, 40];
+    fid.size = [900, 1300];
+    const events = window.comfyAPI.api.api;
+    const done = new Promise((resolve) => {
+      const finish = (kind) => (e) => resolve({ kind, detail: e.detail });
+      events.addEventListener("execution_success", finish("success"));
+      events.addEventListener("execution_error", finish("error"));
+      setTimeout(() => resolve({ kind: "timeout" }), 1500000);
+    });
+    await app.queuePrompt(0, 1);
+    const r = await done;
+    await new Promise((res) => setTimeout(res, 2500));
+    fid.size = [900, Math.max(1300, fid.size[1])];
+    app.canvas.ds.scale = 0.75;
+    app.canvas.ds.offset = [-20000 + 80, 120];
+    app.canvas.setDirty(true, true);
+    return { kind: r.kind, detail: r.kind === "error" ? r.detail : undefined };
+  }, api);
+  console.log("[shot] run", JSON.stringify(run));
+  await page.waitForTimeout(2000);
+  await page.screenshot({ path: outPng, clip: { x: 55, y: 95, width: 1000, height: 1080 } });
+  rc = run.kind === "success" ? 0 : 1;
+} finally {
+  await context.close();
+  fs.rmSync(userDir, { recursive: true, force: true });
+}
+process.exit(rc);
