@@ -78,6 +78,7 @@ _DIT_HINTS: dict[str, re.Pattern] = {
     # top-level blocks.N (an SD UNet's are inner transformer_blocks.N)
     "wan": re.compile(r"(?:^(?:transformer_|diffusion_model_|lora_unet_|lora_transformer_|lycoris_)?"
                       r"|(?<!transformer)_)blocks_\d+_(?:self_attn|cross_attn|ffn|attn1|attn2)_"),
+    "hidream": re.compile(r"(?:^|_)(?:double_stream_blocks|single_stream_blocks)_\d+_block_|caption_projection_\d"),
 }
 
 

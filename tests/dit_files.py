@@ -26,6 +26,8 @@ TE_SPELLINGS = {
     "flux": {"te1": ("text_encoder", "clip_l", "te1"), "te3": ("text_encoder_2", "t5xxl", "te2")},
     "sd3": {"te1": ("text_encoder", "clip_l", "te1"), "te2": ("text_encoder_2", "clip_g", "te2"),
             "te3": ("text_encoder_3", "t5xxl", "te3")},
+    "hidream": {"te1": ("text_encoder", "clip_l", "te1"), "te2": ("text_encoder_2", "clip_g", "te2"),
+                "te3": ("text_encoder_3", "t5xxl", "te3")},
     "qwen_image": {"te": ("text_encoder", "qwen25_7b", "te")},
     "z_image": {"te": ("text_encoder", "qwen3_4b", "te")},
     "wan": {"te": ("text_encoder", "umt5xxl", "te")},

@@ -31,8 +31,12 @@ EXPECTED = {
     ("wan", "5b"): (30 * 10 + 7, {"te": 168}),
     ("wan", "1.3b-i2v"): (30 * 12 + 9, {"te": 168}),
     ("wan", "14b-i2v"): (40 * 12 + 9, {"te": 168}),
+    # 16 double × (adaLN + 8 attn + 5×3 SwiGLU experts (4 routed, 1 shared) + router + 3 text ff)
+    # + 32 single × (adaLN + 4 attn + 15 + router) + t/p embedders (4), x_embedder, 49 caption
+    # projections, 2 final; CLIP-L, CLIP-G, T5 as SD3
+    ("hidream", "i1"): (16 * 28 + 32 * 21 + 4 + 1 + 49 + 2, SD3_TE),
 }
-FAMILIES = ("sd3", "qwen_image", "z_image", "wan")
+FAMILIES = ("sd3", "qwen_image", "z_image", "wan", "hidream")
 
 
 def _slot(name):
@@ -84,6 +88,12 @@ WIDTHS = [
     ("wan", "14b-i2v", "img_emb.proj.3", (5120, 1280)),
     ("wan", "14b-i2v", "patch_embedding", (5120, 36, 1, 2, 2)),
     ("wan", "5b", "patch_embedding", (3072, 48, 1, 2, 2)),
+    ("hidream", "i1", "double_stream_blocks.15.block.ff_i.experts.3.w2", (2560, 6912)),
+    ("hidream", "i1", "single_stream_blocks.0.block.ff_i.shared_experts.w1", (3584, 2560)),
+    ("hidream", "i1", "single_stream_blocks.31.block.ff_i.gate", (4, 2560)),
+    ("hidream", "i1", "double_stream_blocks.0.block.adaLN_modulation.1", (12 * 2560, 2560)),
+    ("hidream", "i1", "double_stream_blocks.0.block.attn1.to_v_t", (2560, 2560)),
+    ("hidream", "i1", "caption_projection.48.linear", (2560, 4096)),
 ]
 
 
@@ -228,3 +238,4 @@ def test_parameter_totals_match_the_models():
     assert 1.2 < billions("wan", "1.3b") < 1.45
     assert 13 < billions("wan", "14b") < 14.5
     assert 4.5 < billions("wan", "5b") < 5.1
+    assert 16.5 < billions("hidream", "i1") < 17.2  # HiDream-I1: 17B

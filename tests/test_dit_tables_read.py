@@ -21,7 +21,7 @@ from tests.lora_reference import one_thread  # noqa: F401 (autouse fixture)
 
 COLS = 48  # ΔW compared on a column slice: fused weights reach 15360 × 5120
 CASES = [("sd3", "large"), ("sd3", "3.5-medium"), ("qwen_image", "base"), ("z_image", "base"),
-         ("wan", "14b"), ("wan", "1.3b-i2v")]
+         ("wan", "14b"), ("wan", "1.3b-i2v"), ("hidream", "i1")]
 
 
 def random_parts(family: str, variant: str, names: list[str], rank: int = 2, seed: int = 0) -> LoraFile:
@@ -91,7 +91,7 @@ def test_split_modules_keep_part_ranks(tmp_path, case):
     table = arch_for(family, variant)
     lora = load_lora(dit_files.write(parts, family, variant, "peft", tmp_path / "p.safetensors"))
     split = [n for n in parts.modules if n in table.split_parts]
-    assert split or family in ("qwen_image", "wan")  # nothing fused there
+    assert split or family in ("qwen_image", "wan", "hidream")  # nothing fused there
     for name in split:
         distinct = len({p[0] for p in table.split_parts[name]})
         assert lora.modules[name].factor_rank == 2 * distinct

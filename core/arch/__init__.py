@@ -25,6 +25,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen_image": "qwen_image",
     "z_image": "z_image",
     "wan": "wan",
+    "hidream": "hidream",
 }
 
 

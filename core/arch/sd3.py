@@ -18,9 +18,9 @@ Text encoders (kohya sd-scripts / ComfyUI): CLIP-L ``lora_te1_``, CLIP-G
 """
 from __future__ import annotations
 
-from ..sdarch import Arch, _text_encoder
+from ..sdarch import Arch
 from .common import block, fused, linear, swapped, table
-from .text import t5_encoder
+from .text import clip_l_g_t5
 
 FAMILY = "sd3"
 # variant -> (depth, blocks with x_block.attn2); preferred first when a file fits several
@@ -72,10 +72,5 @@ def build(arch: Arch, variant: str):
         linear(arch, f"{xb}.adaLN_modulation.1", ((9 if i in dual else 6) * h, h), g, f"{tb}.norm1.linear")
     swapped(arch, "final_layer.adaLN_modulation.1", (2 * h, h), "final", "norm_out.linear")
     linear(arch, "final_layer.linear", (PATCH * PATCH * IN_CHANNELS, h), "final", "proj_out")
-    for slot, clip, layers, width in (("te1", "clip_l", 12, 768), ("te2", "clip_g", 32, 1280)):
-        _text_encoder(arch, f"lora_{slot}_", layers, width, 4 * width, slot, clip)
-        # OneTrainer trains the text projection too (ComfyUI maps lora_te{1,2}_text_projection)
-        arch.add(f"lora_{slot}_text_projection", (width, width), f"{slot} proj",
-                 f"{clip}.transformer.text_projection")
-    t5_encoder(arch, "lora_te3_", "te3")
+    clip_l_g_t5(arch)
 

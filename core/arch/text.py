@@ -36,3 +36,16 @@ def llama_encoder(arch, prefix: str, label: str, comfy_name: str, layers: int, w
             path = f"{base}.{sub}"
             arch.add(prefix + path.replace(".", "_"), shape, f"{label} {kind}", f"model.{path}",
                      f"{comfy_name}.transformer.model.{path}")
+
+
+def clip_l_g_t5(arch):
+    """SD3's (and HiDream's) CLIP-L ``lora_te1_``, CLIP-G ``lora_te2_`` and T5-XXL
+    ``lora_te3_``, as sd-scripts writes them and ComfyUI maps them."""
+    from ..sdarch import _text_encoder
+
+    for slot, clip, layers, width in (("te1", "clip_l", 12, 768), ("te2", "clip_g", 32, 1280)):
+        _text_encoder(arch, f"lora_{slot}_", layers, width, 4 * width, slot, clip)
+        # OneTrainer trains the text projection too (ComfyUI maps lora_te{1,2}_text_projection)
+        arch.add(f"lora_{slot}_text_projection", (width, width), f"{slot} proj",
+                 f"{clip}.transformer.text_projection")
+    t5_encoder(arch, "lora_te3_", "te3")

@@ -140,7 +140,7 @@ def resolve_part(part: str, family: str) -> str:
         return {"te": "te1", "clip_l": "te1", "clip_g": "te2"}.get(part, part)
     if family == "flux":  # CLIP-L and T5 only; OneTrainer and diffusers put T5 second
         return {"te": "te1", "clip_l": "te1", "te2": "te3", "t5xxl": "te3"}.get(part, part)
-    if family == "sd3":  # diffusers' text_encoder is CLIP-L
+    if family in ("sd3", "hidream"):  # diffusers' text_encoder is CLIP-L
         return {"te": "te1", "clip_l": "te1", "clip_g": "te2", "t5xxl": "te3"}.get(part, part)
     # single-encoder families (Wan's UMT5; Qwen-Image's and Z-Image's Qwen LLMs spell theirs in the table)
     return {"clip_l": "te1", "clip_g": "te2", "clip_h": "te", "t5xxl": "te3", "umt5xxl": "te"}.get(part, part)
