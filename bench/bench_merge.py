@@ -21,9 +21,14 @@ products, Σr = 256 here) and decompose the Σr×Σr core (one eigh); the column
 "floor" times just those three operations, and dense/floor bounds the speed-up
 any method of this kind can reach on that shape on this machine.
 
+Every method of the method table (core.merge.methods) is then timed per
+module on the same sample, against our svd merge and against the floor, in
+the same run ("every method" table; --methods to choose, --modules N to cap
+the sample for a quick run, --skip-dense to skip the dense baselines).
+
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full [svd] [karcher]] [--full-dense]
                                 [--device cuda] [--max-iter 50] [--skip-kohya] [--skip-means]
-                                [--batch-modules 16]
+                                [--batch-modules 16] [--methods M ...] [--modules N] [--skip-dense]
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import torch  # noqa: E402
 
 from core.device import linalg_threads  # noqa: E402
 from core.lora import LoraFile  # noqa: E402
-from core.merge import merge  # noqa: E402
+from core.merge import TABLE, merge  # noqa: E402
 from core.synthetic import perturbed_lora, random_lora  # noqa: E402
 
 RANK = 64
@@ -82,9 +87,41 @@ def dense_svd_merge(loras: list[LoraFile], names: list[str], device, full_matric
 
 def our_merge(loras, names, method, device, **kw):
     sync(device)
-    t, res = timed(lambda: (merge(subset(loras, names), WEIGHTS, method=method, rank=RANK,
+    rank = RANK if TABLE[method].ranked else None
+    t, res = timed(lambda: (merge(subset(loras, names), WEIGHTS, method=method, rank=rank,
                                   device=device, **kw), sync(device))[0])
     return t, res
+
+
+def every_method(loras, by_shape, sample, floor, methods, dev, args) -> None:
+    """Per-module seconds of every method on the sample (one merge call per module,
+    fidelity report included), against our svd merge and the floor, per shape and
+    extrapolated to the whole LoRA by module count."""
+    per = {m: {} for m in ["svd"] + [m for m in methods if m != "svd"]}
+    for n in sample:
+        for method in per:
+            per[method][n] = our_merge(loras, [n], method, dev, max_iter=args.max_iter, threads=args.threads)[0]
+    cols = [m for m in per if m != "svd"]
+    print(f"\nevery method, seconds per module (one merge call each, report included; {args.threads} thread(s)); "
+          f"ratio = method / svd; svd/floor")
+    print(f"{'shape':>12} {'count':>5} {'floor':>7} {'svd':>7} {'svd/floor':>9} " +
+          " ".join(f"{m:>10}" for m in cols))
+    totals = {m: 0.0 for m in per}
+    floor_total = 0.0
+    for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+        take = [n for n in group if n in sample]
+        if not take:
+            continue
+        mean = {m: sum(per[m][n] for n in take) / len(take) for m in per}
+        f = sum(floor[n] for n in take) / len(take)
+        floor_total += f * len(group)
+        for m in per:
+            totals[m] += mean[m] * len(group)
+        print(f"{shape[0]:>5}×{shape[1]:<6} {len(group):>5} {f:>7.3f} {mean['svd']:>7.3f} "
+              f"{mean['svd'] / f:>8.2f}× " + " ".join(f"{mean[m] / mean['svd']:>9.2f}×" for m in cols))
+    print(f"{'whole LoRA':>18} {floor_total:>7.1f} {totals['svd']:>7.1f} {totals['svd'] / floor_total:>8.2f}× " +
+          " ".join(f"{totals[m] / totals['svd']:>9.2f}×" for m in cols) +
+          f"   (seconds EXTRAPOLATED from {len(sample)} modules × count)")
 
 
 def floor_time(loras: list[LoraFile], name: str, device) -> float:
@@ -150,6 +187,12 @@ def main() -> None:
                         help="modules of one shape for the karcher loop-vs-batched comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the dense baseline "
                         "and for our merges alike (default 1)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(TABLE), default=list(TABLE),
+                        help="methods of the every-method table (default all)")
+    parser.add_argument("--modules", type=int, default=None, metavar="N",
+                        help="cap the sample at N modules (a quick run)")
+    parser.add_argument("--skip-dense", action="store_true",
+                        help="only the every-method table (no dense baselines, no karcher extras)")
     args = parser.parse_args()
     dev = torch.device(args.device)
 
@@ -168,12 +211,23 @@ def main() -> None:
         m = loras[0].modules[n]
         by_shape[(m.d_out, m.d_in)].append(n)
     sample = [n for group in by_shape.values() for n in group[:args.per_shape]]
+    if args.modules is not None:     # round-robin over shapes so a small cap still spans them
+        rounds = [[g[i] for g in by_shape.values() if i < min(len(g), args.per_shape)] for i in range(args.per_shape)]
+        sample = [n for r in rounds for n in r][:args.modules]
+        by_shape = {k: [n for n in g if n in sample] + [n for n in g if n not in sample]
+                    for k, g in by_shape.items()}
     print(f"{kind} synthetic SDXL rank-{RANK} LoRAs, {len(names)} modules, {len(by_shape)} shapes; "
           f"merged at rank {RANK}, weights {WEIGHTS}")
 
     def extrapolate(per_module: dict[str, float]) -> float:
         return sum(len(group) * sum(per_module[n] for n in group[:args.per_shape]) /
                    len(group[:args.per_shape]) for group in by_shape.values())
+
+    if args.skip_dense:
+        with linalg_threads(args.threads if dev.type == "cpu" else None):
+            floor = {n: floor_time(loras, n, dev) for n in sample}
+        every_method(loras, by_shape, sample, floor, args.methods, dev, args)
+        return
 
     # dense baselines with the same thread count as ours
     dense_names = names if args.full_dense else sample
@@ -261,6 +315,7 @@ def main() -> None:
                      r_loop.lora.modules[n].delta().norm()) for n in same)
     print(f"karcher on {len(same)} modules of one shape ({shape.d_out}×{shape.d_in}): loop {t_loop:.2f} s, "
           f"batched {t_batch:.2f} s (results differ by {diff:.1e} relative)")
+    every_method(loras, by_shape, sample, floor, args.methods, dev, args)
 
 
 if __name__ == "__main__":
