@@ -292,18 +292,29 @@ def test_guess_group_for_tableless_names():
     assert guess_group("lora_unet_whatever") == "unet"
 
 
-def test_flux_like_unknown_family_uses_heuristic_groups():
+def _flux_like_pair(family):
     names = [f"lora_unet_double_blocks_{i}_img_attn_qkv" for i in range(3)] + \
             [f"lora_unet_single_blocks_{i}_linear1" for i in range(2)]
     g = torch.Generator().manual_seed(27)
 
     def lora(seed):
-        f = LoraFile(path=f"{seed}.safetensors", format="kohya", family="flux")
+        f = LoraFile(path=f"{seed}.safetensors", format="kohya", family=family)
         for n in names:
             f.modules[n] = LoraModule(n, torch.randn(64, 4, generator=g), torch.randn(4, 48, generator=g))
         return f
-    rep = compare(lora(1), lora(2))
+    return lora(1), lora(2)
+
+
+def test_unknown_family_uses_heuristic_groups():
+    rep = compare(*_flux_like_pair("unknown"))
     assert {g["group"] for g in rep.groups()} == {"unet double img_attn", "unet single linear1"}
+
+
+def test_flux_groups_come_from_its_table():
+    # Flux has a module table (core/arch): groups are its per-block labels, not the name heuristic.
+    rep = compare(*_flux_like_pair("flux"))
+    assert {g["group"] for g in rep.groups()} == {"double_blocks.00", "double_blocks.01", "double_blocks.02",
+                                                  "single_blocks.00", "single_blocks.01"}
 
 
 # ---------------------------------------------------------------- CLI (in-memory files)
