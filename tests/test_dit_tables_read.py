@@ -4,6 +4,8 @@ module, exact ΔW against the dense product of the factors written; a file
 against its conversion to another naming (fused ↔ split) at φ = 1 on every
 module. Two kinds of source: kohya-trained (one factor pair per fused module)
 and diffusers-trained (independent factors per split part: q, k, v)."""
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -66,7 +68,8 @@ def _assert_same_delta(got: LoraFile, want: dict[str, LoraModule], family: str, 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
 def case(request):
     family, variant = request.param
-    names = dit_files.sample_names(family, variant)
+    # HiDream's routed experts 1-3 are spelled and shaped as expert 0: left out for time
+    names = [n for n in dit_files.sample_names(family, variant) if not re.search(r"_experts_[1-9]_", n)]
     unet = [n for n in names if n.startswith("lora_unet_")]
     return (family, variant, dit_files.random_dit_lora(family, variant, names, rank=3, seed=1),
             random_parts(family, variant, unet, rank=2, seed=2))
@@ -116,8 +119,7 @@ def test_partly_covered_fused_module_is_zero_elsewhere(tmp_path, case):
     torch.testing.assert_close(got[start:end], ref[start:end], rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("pair", [("kohya", "peft"), ("comfyui", "onetrainer"), ("kohya", "diffsynth"),
-                                  ("peft", "lycoris_loha"), ("comfyui", "lycoris_lokr")])
+@pytest.mark.parametrize("pair", [("kohya", "peft"), ("comfyui", "lycoris_loha"), ("onetrainer", "diffsynth")])
 def test_file_against_its_conversion_phi_one(tmp_path, case, pair):
     """The same ΔW in two namings (LDM fused vs diffusers split) lines up
     module for module: φ = 1 everywhere, on both sides."""
