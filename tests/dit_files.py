@@ -31,7 +31,12 @@ TE_SPELLINGS = {
     "qwen_image": {"te": ("text_encoder", "qwen25_7b", "te")},
     "z_image": {"te": ("text_encoder", "qwen3_4b", "te")},
     "wan": {"te": ("text_encoder", "umt5xxl", "te")},
+    "flux/chroma": {"te1": ("text_encoder", "t5xxl", "te1")},
 }
+
+
+def te_spellings(family: str, variant: str | None) -> dict:
+    return TE_SPELLINGS.get(f"{family}/{variant}", TE_SPELLINGS.get(family, {}))
 
 
 def random_dit_lora(family: str, variant: str | None, names: list[str], rank: int = 2, seed: int = 0,
@@ -95,7 +100,7 @@ def _diffusers_modules(lora: LoraFile, family: str, variant: str | None):
     for name, m in lora.modules.items():
         te = _te(name)
         if te:
-            comp = TE_SPELLINGS[family][te[0]][0]
+            comp = te_spellings(family, variant)[te[0]][0]
             # the path inside the encoder, from ComfyUI's '<encoder>.transformer.<path>' (bare
             # paths are ambiguous where two encoders share them, e.g. SD3's CLIP-L and CLIP-G)
             body = next(a for a in alias[name] if ".transformer." in a).split(".transformer.", 1)[1]
@@ -148,7 +153,7 @@ def format_tensors(lora: LoraFile, family: str, variant: str | None, fmt: str) -
             t[f"{path}.lora_B.default.weight"] = (scale * up).contiguous()
         elif fmt == "onetrainer":
             if part == "te":
-                slot = next(v[2] for v in TE_SPELLINGS[family].values() if path.startswith(v[0] + "."))
+                slot = next(v[2] for v in te_spellings(family, variant).values() if path.startswith(v[0] + "."))
                 key = f"lora_{slot}_" + path.split(".", 1)[1].replace(".", "_")
             else:
                 key = f"lora_transformer_{flat}"

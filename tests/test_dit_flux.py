@@ -116,3 +116,20 @@ def test_klein_shapes_differ_from_flux1():
     assert arch_for("flux", "dev").shapes["lora_unet_single_blocks_0_linear1"] == (7 * 3072, 3072)
     assert arch_for("flux2", "klein-9b").shapes["lora_unet_double_blocks_7_img_mlp_2"] == (4096, 3 * 4096)
     assert math.prod(arch_for("flux", "dev").shapes["lora_unet_txt_in"]) == 3072 * 4096
+
+
+def test_lazy_sources_merge_like_loaded_ones(tmp_path):
+    """load_lora(lazy=True): modules read from the open file on access (bounded memory)."""
+    names = dit_files.sample_names("flux", "dev")[:20]
+    a = dit_files.random_dit_lora("flux", "dev", names, rank=3, seed=1)
+    b = dit_files.random_dit_lora("flux", "dev", names, rank=2, seed=2)
+    pa = dit_files.write(a, "flux", "dev", "kohya", tmp_path / "a.safetensors")
+    pb = dit_files.write(b, "flux", "dev", "peft", tmp_path / "b.safetensors")
+    lazy = [load_lora(pa, lazy=True), load_lora(pb, lazy=True)]
+    assert set(lazy[1].modules) == set(names) and lazy[1].family == "flux"
+    assert lazy[1].modules["lora_unet_single_blocks_0_linear1"] is not lazy[1].modules["lora_unet_single_blocks_0_linear1"]
+    eager = merge([load_lora(pa), load_lora(pb)], method="svd", rank=2)
+    merged = merge(lazy, method="svd", rank=2)
+    for name in names:
+        torch.testing.assert_close(_dense(merged.lora.modules[name]), _dense(eager.lora.modules[name]),
+                                   rtol=1e-6, atol=1e-12)

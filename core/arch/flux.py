@@ -8,7 +8,8 @@ double ``img_attn.qkv`` = to_q|to_k|to_v, ``txt_attn.qkv`` =
 add_q_proj|add_k_proj|add_v_proj, single ``linear1`` = to_q|to_k|to_v|proj_mlp;
 and ``norm_out.linear`` is ``final_layer.adaLN_modulation.1`` with its
 scale/shift halves swapped. Text encoders: CLIP-L ``lora_te1_``, T5-XXL
-``lora_te3_`` (what sd-scripts writes; ComfyUI also maps ``lora_te2_`` to T5).
+``lora_te3_`` (what sd-scripts writes; ComfyUI also maps ``lora_te2_`` to T5);
+Chroma has T5 alone, which ComfyUI maps as ``lora_te1_``.
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def build(variant: str | None = None) -> Arch:
         raise KeyError(f"Flux has no variant '{variant}' (known: {', '.join(VARIANTS)})")
     arch = Arch("flux", variant=variant)
     add_flux(arch, CONFIGS[variant])
-    if variant != "chroma":  # Chroma conditions on T5 alone
+    if variant == "chroma":  # T5 alone: ComfyUI maps it as the first text encoder
+        t5_encoder(arch, "lora_te1_", "te1")
+    else:
         _text_encoder(arch, "lora_te1_", 12, 768, 3072, "te1", "clip_l")
-    t5_encoder(arch, "lora_te3_", "te3")
+        t5_encoder(arch, "lora_te3_", "te3")
     return arch

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from ..sdarch import TABLE_FAMILIES, arch_for
+from ..sdarch import DIT_FAMILIES, TABLE_FAMILIES, arch_for
 
 # Key suffix -> (role, naming scheme it belongs to; None: the module's other keys decide).
 ROLE_SUFFIXES: tuple[tuple[str, str, str | None], ...] = (
@@ -185,9 +185,13 @@ def resolve_module(module_key: str, family: str, variant: str | None = None
             if split:
                 return split[0], True, split[1]
         else:
-            name = kohya_name(part, body)
-            if name in arch.shapes:
-                return name, True, None
+            # DiT families: a text encoder's slot varies with the variant (Chroma's
+            # T5 is te1, Flux's te3), its body path does not
+            slots = (part, "te1", "te2", "te3", "te") if family in DIT_FAMILIES else (part,)
+            for slot in slots:
+                name = kohya_name(slot, body)
+                if name in arch.shapes:
+                    return name, True, None
             hit = arch.canonical(body)  # a table spelling of the encoder path (Qwen's model.layers.N…)
             if hit and not hit.startswith("lora_unet_"):
                 return hit, True, None

@@ -415,8 +415,15 @@ def open_lora(path: str) -> LoraReader:
         return LoraReader(path)
 
 
-def load_lora(path: str) -> LoraFile:
-    """Read a whole LoRA file of any supported format (decided by content)."""
+def load_lora(path: str, lazy: bool = False) -> LoraFile:
+    """Read a whole LoRA file of any supported format (decided by content).
+    ``lazy``: names and shapes now, each module's tensors when it is accessed
+    (core.formats.lazy), from a file that stays open."""
+    if lazy:
+        from .lazy import LazyModules
+        reader = open_lora(path)
+        return LoraFile(reader.path, reader.format, reader.family, LazyModules(reader), dict(reader.metadata),
+                        dict(reader.extras), list(reader.warnings))
     with errors_name_the_file(path), open_lora(path) as reader:
         return reader.load()
 
@@ -442,13 +449,22 @@ def require_same_base(loras: list[LoraFile]) -> str:
     A shape difference gives different bases away even when the family is
     unknown; the LoraError names the file and the module."""
     family = require_same_family(loras)
-    seen: dict[str, LoraFile] = {}
+    seen: dict[str, tuple[LoraFile, tuple[int, int]]] = {}
     for lora in loras:
-        for name, m in lora.modules.items():
-            first = seen.setdefault(name, lora)
-            om = first.modules[name]
-            if (om.d_out, om.d_in) != (m.d_out, m.d_in):
-                raise LoraError(f"module has different shapes across the LoRAs ({m.d_out}×{m.d_in} here, "
-                                f"{om.d_out}×{om.d_in} in {first.name}): they are for different base models",
-                                lora.path, name)
+        for name in lora.modules:
+            shape = _flat_shape(lora, name)
+            first, first_shape = seen.setdefault(name, (lora, shape))
+            if first_shape != shape:
+                raise LoraError(f"module has different shapes across the LoRAs ({shape[0]}×{shape[1]} here, "
+                                f"{first_shape[0]}×{first_shape[1]} in {first.name}): they are for different "
+                                "base models", lora.path, name)
     return family
+
+
+def _flat_shape(lora: LoraFile, name: str) -> tuple[int, int]:
+    """(d_out, d_in) of a module, without reading a lazily loaded one."""
+    from .lazy import LazyModules
+    if isinstance(lora.modules, LazyModules):
+        return lora.modules.flat_shape(name)
+    m = lora.modules[name]
+    return m.d_out, m.d_in

@@ -1,0 +1,156 @@
+"""Runs INSIDE ComfyUI's venv (cwd = COMFYUI_PATH): ComfyUI's own LoRA key maps
+and patching for DiT models built at full depth on the meta device.
+
+    python comfy_keymap_probe.py job.json out_dir
+
+job.json: {"configs": ["flux/dev", ...],
+           "files": [{"config": "flux/dev", "path": "x.safetensors", "check": [module names], "cols": 8}]}
+Writes out_dir/result.json: per config the diffusion model's and text
+encoders' weight shapes and ``model_lora_keys_unet`` / ``model_lora_keys_clip``;
+per file the keys ComfyUI did not load, and out_dir/file<i>.safetensors with
+ComfyUI's ΔW (``calculate_weight`` on a zero weight, first ``cols`` columns)
+for each checked module (kohya name). Families add their config to CONFIGS (family/variant
+as in core.arch), mirroring what ``comfy/model_detection.py`` derives.
+"""
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+JOB, OUT_DIR = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]  # ComfyUI parses the command line on import
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import torch  # noqa: E402
+
+import comfy.lora  # noqa: E402
+import comfy.model_detection  # noqa: E402
+import comfy.utils  # noqa: E402
+
+_FLUX = dict(image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=768,
+             context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19,
+             depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
+             guidance_embed=True, txt_ids_dims=[], yak_mlp=False)
+_FLUX2 = dict(image_model="flux2", axes_dim=[32, 32, 32, 32], mlp_ratio=3.0, theta=2000, out_channels=128,
+              global_modulation=True, mlp_silu_act=True, qkv_bias=False, ops_bias=False,
+              default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3], patch_size=1,
+              in_channels=128, vec_in_dim=None, guidance_embed=False, yak_mlp=False)
+
+
+def _clip(name):
+    def build():
+        if name == "flux":
+            from comfy.text_encoders.flux import FluxClipModel
+            return FluxClipModel(device=torch.device("meta"))
+        if name == "t5":
+            from comfy.text_encoders.pixart_t5 import pixart_te
+            return pixart_te()(device=torch.device("meta"))
+        return None
+    return build
+
+
+CONFIGS = {
+    "flux/dev": (_FLUX, _clip("flux")),
+    "flux/schnell": (dict(_FLUX, guidance_embed=False), _clip("flux")),
+    "flux/chroma": ({**{k: v for k, v in _FLUX.items() if k not in ("guidance_embed", "yak_mlp")},
+                     "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
+                     "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5, "vec_in_dim": None}, _clip("t5")),
+    "flux2/klein-4b": (dict(_FLUX2, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20,
+                            context_in_dim=7680), _clip(None)),
+    "flux2/klein-9b": (dict(_FLUX2, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
+                            context_in_dim=12288), _clip(None)),
+}
+
+
+def _target(v):
+    return v if isinstance(v, str) else [v[0], list(v[1]) if v[1] is not None else None,
+                                         getattr(v[2], "__name__", None) if len(v) > 2 else None]
+
+
+def _weights(sd, prefix=""):
+    return {k: list(t.shape) for k, t in sd.items() if k.endswith(".weight") and t.dim() >= 2}
+
+
+def probe_config(name):
+    unet_config, clip_builder = CONFIGS[name]
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    if model_config is None:
+        raise SystemExit(f"ComfyUI has no model for config {name}")
+    model = model_config.get_model({}, "", device=torch.device("meta"))
+    out = {"model": type(model).__name__, "unet_weights": _weights(model.state_dict()),
+           "unet_map": {k: _target(v) for k, v in comfy.lora.model_lora_keys_unet(model, {}).items()}}
+    clip = clip_builder()
+    if clip is not None:
+        out["clip_weights"] = _weights(clip.state_dict())
+        out["clip_map"] = {k: _target(v) for k, v in comfy.lora.model_lora_keys_clip(clip, {}).items()}
+    return model, clip, out
+
+
+class _Missing(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("lora key not loaded"):
+            self.keys.append(msg.split(":", 1)[1].strip())
+
+
+def probe_file(job, model, clip, out_dir, i):
+    from safetensors.torch import save_file
+
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip, key_map)
+    lora = comfy.utils.load_torch_file(job["path"], safe_load=True)
+    handler = _Missing()
+    logging.getLogger().addHandler(handler)
+    try:
+        patch_dict = comfy.lora.load_lora(lora, key_map)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    # what ModelPatcher.add_patches does with the keys: (key, offset, function)
+    patches = {}
+    for k, v in patch_dict.items():
+        key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+        patches.setdefault(key, []).append((1.0, v, 1.0, offset, function))
+    shapes = dict(model.state_dict().items())
+    if clip is not None:
+        shapes.update(clip.state_dict())
+    deltas = {}
+    for name in job["check"]:  # kohya module names, resolved through ComfyUI's own map
+        target = key_map[name] if isinstance(key_map[name], str) else key_map[name][0]
+        if target not in patches:
+            continue  # reported through not_loaded / the missing ΔW
+        zero = torch.zeros(shapes[target].shape, dtype=torch.float32)
+        w = comfy.lora.calculate_weight(patches[target], zero, target)
+        deltas[name] = w.reshape(w.shape[0], -1)[:, :job.get("cols", 8)].contiguous()
+    save_file(deltas, os.path.join(out_dir, f"file{i}.safetensors"))
+    return {"not_loaded": handler.keys, "patched": sorted(patches)}
+
+
+def main():
+    job = json.load(open(JOB))
+    out_dir = OUT_DIR
+    result = {"configs": {}, "files": []}
+    built = {}
+    with torch.no_grad():
+        for name in job["configs"]:
+            if name not in CONFIGS:
+                result["configs"][name] = {"missing": f"no ComfyUI config for {name} in {__file__}"}
+                continue
+            model, clip, info = probe_config(name)
+            built[name] = (model, clip)
+            result["configs"][name] = info
+        for i, f in enumerate(job.get("files", [])):
+            model, clip = built[f["config"]]
+            result["files"].append(probe_file(f, model, clip, out_dir, i))
+    with open(os.path.join(out_dir, "result.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()
