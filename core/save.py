@@ -312,8 +312,11 @@ def kohya_tensors(lora: LoraFile, dtype: torch.dtype | None = None, checked_for:
     or out of range for the written dtype are refused. ``key_names``: canonical
     name -> the stem to write (a merge keeps its first source's spelling).
     """
+    from .arch import written_name
+
     out: dict[str, torch.Tensor] = {}
-    for name, m in lora.modules.items():
+    for canonical, m in lora.modules.items():
+        name = written_name(lora.family, canonical)  # DiT families: what ComfyUI maps
         dt = dtype or m.dtype
         r = m.factor_rank
         down, up = m.down, m.up

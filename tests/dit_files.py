@@ -106,14 +106,13 @@ def _diffusers_modules(lora: LoraFile, family: str, variant: str | None):
             body = next(a for a in alias[name] if ".transformer." in a).split(".transformer.", 1)[1]
             yield "te", f"{comp}.{body}", m.up, m.down, m.scale
             continue
-        parts = table.split_parts.get(name)
+        # ComfyUI's own partial key linear1_qkv is no diffusers spelling
+        parts = [p for p in table.split_parts.get(name, ()) if not p[0].endswith("linear1_qkv")]
         if parts:
             by_alias: dict[str, list] = {}
             for part, start, end, first in parts:
                 by_alias.setdefault(part, []).append((start, end, first))
             for part, rows in by_alias.items():
-                if part.endswith("linear1_qkv"):  # ComfyUI's own partial key, not a diffusers one
-                    continue
                 n_rows = max(f + e - s for s, e, f in rows)
                 up = torch.zeros(n_rows, m.up.shape[1])
                 for s, e, f in rows:

@@ -15,6 +15,7 @@ This package must not import ``core.sdarch`` at import time (sdarch reads
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
 
 # family id -> module in this package. Order = preference when a file fits
 # several families equally (e.g. ambiguous diffusers block names).
@@ -52,3 +53,25 @@ def union(family: str, builder):
     for v in _module(family).VARIANTS:
         arch.absorb(builder(v))
     return arch
+
+
+# Text encoders whose kohya names ComfyUI does not map (it maps UMT5 only under
+# its own state-dict path): family -> (kohya prefix, ComfyUI-native prefix).
+_NATIVE_TE = {"wan": ("lora_te_", "text_encoders.umt5xxl.transformer.")}
+
+
+def written_name(family: str, name: str) -> str:
+    """The key stem the pack writes for a canonical module: the kohya name
+    (``lora_unet_<LDM key>`` maps in ComfyUI, Forge and sd-scripts), except a
+    text encoder ComfyUI maps only by its native path (Wan's UMT5)."""
+    return _native_names(family).get(name, name) if family in _NATIVE_TE else name
+
+
+@lru_cache(maxsize=None)
+def _native_names(family: str) -> dict[str, str]:
+    from ..sdarch import arch_for
+
+    kohya, native = _NATIVE_TE[family]
+    inner = native.split(".", 1)[1]           # the alias as the table spells it
+    return {canon: "text_encoders." + alias for alias, canon in arch_for(family).aliases.items()
+            if canon.startswith(kohya) and alias.startswith(inner)}

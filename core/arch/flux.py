@@ -34,8 +34,10 @@ class FluxConfig:
     context: int = 4096          # txt_in columns
     vec_in: int | None = 768     # vector_in (CLIP pooled); None: absent
     guidance: bool = True
+    time_in: bool = True         # Chroma feeds the timestep to its approximator instead
     block_modulation: bool = True   # img_mod/txt_mod/modulation per block (Flux.1)
     global_modulation: bool = False  # shared modulation layers (Flux.2)
+    single_split: bool = True    # diffusers splits single-block linear1 into q, k, v, proj_mlp
     final_adaln: bool = True
     approximator: tuple[int, int, int] | None = None  # Chroma (in_dim, hidden_dim, layers)
 
@@ -56,8 +58,9 @@ def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> 
 
     add("img_in", (h, c.in_channels), "input", "x_embedder")
     add("txt_in", (h, c.context), "input", "context_embedder")
-    add("time_in.in_layer", (h, 256), "input", f"{time_embed}.timestep_embedder.linear_1")
-    add("time_in.out_layer", (h, h), "input", f"{time_embed}.timestep_embedder.linear_2")
+    if c.time_in:
+        add("time_in.in_layer", (h, 256), "input", f"{time_embed}.timestep_embedder.linear_1")
+        add("time_in.out_layer", (h, h), "input", f"{time_embed}.timestep_embedder.linear_2")
     if c.vec_in:
         add("vector_in.in_layer", (h, c.vec_in), "input", f"{time_embed}.text_embedder.linear_1")
         add("vector_in.out_layer", (h, h), "input", f"{time_embed}.text_embedder.linear_2")
@@ -95,9 +98,10 @@ def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> 
 
     for i in range(c.depth_single):
         ldm, dif, g = f"single_blocks.{i}", f"single_transformer_blocks.{i}", _group("single_blocks", i)
-        parts = [(f"{dif}.attn.{n}", j * h, (j + 1) * h) for j, n in enumerate(("to_q", "to_k", "to_v"))]
-        parts.append((f"{dif}.proj_mlp", 3 * h, 3 * h + c.mlp_in))
-        parts.append((f"{ldm}.linear1_qkv", 0, 3 * h))  # ComfyUI's own partial key
+        parts = [(f"{ldm}.linear1_qkv", 0, 3 * h)]  # ComfyUI's own partial key
+        if c.single_split:  # Flux.2's diffusers model keeps linear1 whole (to_qkv_mlp_proj)
+            parts += [(f"{dif}.attn.{n}", j * h, (j + 1) * h) for j, n in enumerate(("to_q", "to_k", "to_v"))]
+            parts.append((f"{dif}.proj_mlp", 3 * h, 3 * h + c.mlp_in))
         add_split(f"{ldm}.linear1", (3 * h + c.mlp_in, h), g, parts, f"{dif}.attn.to_qkv_mlp_proj")
         add(f"{ldm}.linear2", (h, h + c.mlp_hidden), g, f"{dif}.proj_out", f"{dif}.attn.to_out")
         if c.block_modulation:
@@ -113,7 +117,7 @@ def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> 
 CONFIGS = {
     "dev": FluxConfig(),
     "schnell": FluxConfig(guidance=False),
-    "chroma": FluxConfig(vec_in=None, guidance=False, block_modulation=False, final_adaln=False,
+    "chroma": FluxConfig(vec_in=None, guidance=False, time_in=False, block_modulation=False, final_adaln=False,
                          approximator=(64, 5120, 5)),
 }
 

@@ -22,7 +22,7 @@ def _config(hidden: int, depth: int, depth_single: int, context: int) -> FluxCon
     mlp = 3 * hidden
     return FluxConfig(hidden=hidden, depth=depth, depth_single=depth_single, mlp_in=2 * mlp,
                       mlp_hidden=mlp, in_channels=128, out_channels=128, context=context, vec_in=None,
-                      guidance=False, block_modulation=False, global_modulation=True)
+                      guidance=False, block_modulation=False, global_modulation=True, single_split=False)
 
 
 CONFIGS = {

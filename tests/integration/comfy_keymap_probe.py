@@ -40,15 +40,43 @@ _FLUX2 = dict(image_model="flux2", axes_dim=[32, 32, 32, 32], mlp_ratio=3.0, the
 
 
 def _clip(name):
+    """The text-encoder model ComfyUI's clip_target builds for the family."""
     def build():
+        meta = torch.device("meta")
         if name == "flux":
             from comfy.text_encoders.flux import FluxClipModel
-            return FluxClipModel(device=torch.device("meta"))
+            return FluxClipModel(device=meta)
         if name == "t5":
             from comfy.text_encoders.pixart_t5 import pixart_te
-            return pixart_te()(device=torch.device("meta"))
+            return pixart_te()(device=meta)
+        if name == "sd3":
+            from comfy.text_encoders.sd3_clip import sd3_clip
+            return sd3_clip(clip_l=True, clip_g=True, t5=True)(device=meta)
+        if name == "qwen_image":
+            from comfy.text_encoders.qwen_image import te
+            return te()(device=meta)
+        if name == "z_image":
+            from comfy.text_encoders.z_image import te
+            return te()(device=meta)
+        if name == "wan":
+            from comfy.text_encoders.wan import te
+            return te()(device=meta)
         return None
     return build
+
+
+def _sd3(depth, patches, rms, x_attn2):
+    return dict(in_channels=16, patch_size=2, out_channels=16, depth=depth, input_size=None, adm_in_channels=2048,
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 64 * depth}},
+                num_patches=patches * patches, pos_embed_max_size=patches, pos_embed_scaling_factor=None,
+                x_block_self_attn_layers=list(x_attn2), **({"qk_norm": "rms"} if rms else {}))
+
+
+def _wan(dim, heads, ffn, layers, in_dim=16, out_dim=16, model_type="t2v"):
+    return dict(image_model="wan2.1", dim=dim, out_dim=out_dim, num_heads=heads, ffn_dim=ffn, num_layers=layers,
+                patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True,
+                eps=1e-6, in_dim=in_dim, model_type=model_type)
 
 
 CONFIGS = {
@@ -61,6 +89,20 @@ CONFIGS = {
                             context_in_dim=7680), _clip(None)),
     "flux2/klein-9b": (dict(_FLUX2, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
                             context_in_dim=12288), _clip(None)),
+    # what comfy/model_detection.py derives for each checkpoint
+    "sd3/large": (_sd3(38, 192, True, ()), _clip("sd3")),
+    "sd3/3.5-medium": (_sd3(24, 384, True, range(13)), _clip("sd3")),
+    "sd3/medium": (_sd3(24, 192, False, ()), _clip("sd3")),
+    "qwen_image/base": (dict(image_model="qwen_image", in_channels=64, num_layers=60), _clip("qwen_image")),
+    "z_image/base": (dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560,
+                          n_layers=30, qk_norm=True, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48],
+                          axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
+                          z_image_modulation=True, time_scale=1000.0), _clip("z_image")),
+    "wan/14b": (_wan(5120, 40, 13824, 40), _clip("wan")),
+    "wan/1.3b": (_wan(1536, 12, 8960, 30), _clip("wan")),
+    "wan/5b": (_wan(3072, 24, 14336, 30, in_dim=48, out_dim=48), _clip("wan")),
+    "wan/14b-i2v": (_wan(5120, 40, 13824, 40, in_dim=36, model_type="i2v"), _clip("wan")),
+    "wan/1.3b-i2v": (_wan(1536, 12, 8960, 30, in_dim=36, model_type="i2v"), _clip("wan")),
 }
 
 
@@ -122,6 +164,8 @@ def probe_file(job, model, clip, out_dir, i):
         shapes.update(clip.state_dict())
     deltas = {}
     for name in job["check"]:  # kohya module names, resolved through ComfyUI's own map
+        if name not in key_map:
+            continue  # the test reports unmapped names
         target = key_map[name] if isinstance(key_map[name], str) else key_map[name][0]
         if target not in patches:
             continue  # reported through not_loaded / the missing ΔW

@@ -25,7 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 from core import arch as dit
+from core.arch import written_name
 from core.formats import load_lora
+from core.formats.names import resolve_module
 from core.save import save_kohya
 from core.sdarch import arch_for
 from tests import dit_files
@@ -36,7 +38,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(not _OK, reason=f"need
 
 PROBE = Path(__file__).with_name("comfy_keymap_probe.py")
 CONFIGS = [f"{f}/{v}" for f in dit.FAMILY_MODULES for v in dit.variants(f)]
-# ΔW through ComfyUI's patching (zero weights of full size): one variant per layout
+# Files written and loaded by ComfyUI: the first variant of each family (variants share
+# their naming) and Chroma (its own modules); ΔW through ComfyUI's patching (zero
+# weights of full size) on one variant per layout. Tables and maps: every variant.
+FILE_CONFIGS = [c for c in CONFIGS if c.split("/")[1] == dit.variants(c.split("/")[0])[0]] + ["flux/chroma"]
 DELTA_CONFIGS = {"flux/dev", "flux/chroma", "flux2/klein-4b"}
 COLS = 8
 
@@ -56,7 +61,7 @@ def _checked(table, names):
 def probe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfy_keymaps")
     files, sources = [], {}
-    for config in CONFIGS:
+    for config in FILE_CONFIGS:
         family, variant = config.split("/")
         table = arch_for(family, variant)
         src = dit_files.random_dit_lora(family, variant, list(table.shapes), rank=1, seed=len(sources))
@@ -95,28 +100,31 @@ def _ldm(table, name):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_table_is_comfyuis_model(probe, config):
     info = _config(probe, config)
-    table = probe[1][config][0]
+    family, variant = config.split("/")
+    table = arch_for(family, variant)
     ours = {f"diffusion_model.{_ldm(table, n)}.weight": math.prod(s) for n, s in table.shapes.items()
             if n.startswith("lora_unet_")}
-    theirs = {k: math.prod(s) for k, s in info["unet_weights"].items()}
+    # 2-D linears and 4-D convs (LoRA's layers); a 5-D Conv3d patch embedding is no LoRA target
+    theirs = {k: math.prod(s) for k, s in info["unet_weights"].items() if len(s) <= 4}
     assert sorted(set(theirs) - set(ours)) == [] and sorted(set(ours) - set(theirs)) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", FILE_CONFIGS)
 def test_every_written_key_maps(probe, config):
     info = _config(probe, config)
     table, written, _, _ = probe[1][config]
     key_map = {**info["unet_map"], **info.get("clip_map", {})}
     names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
              for k in load_file(written)}
-    assert names == set(table.shapes)
+    stems = {written_name(table.family, n): n for n in table.shapes}
+    assert names == set(stems)
     unmapped = sorted(n for n in names if n not in key_map)
     assert unmapped == [], f"{len(unmapped)} written modules ComfyUI does not map: {unmapped[:5]}"
     weights = {**info["unet_weights"], **info.get("clip_weights", {})}
     for n in names:
         target = key_map[n]
-        assert isinstance(target, str) and math.prod(weights[target]) == math.prod(table.shapes[n]), n
+        assert isinstance(target, str) and math.prod(weights[target]) == math.prod(table.shapes[stems[n]]), n
     for f, res in zip(probe[2], probe[0]["files"]):
         if f["path"] == written:
             assert res["not_loaded"] == []
@@ -125,7 +133,8 @@ def test_every_written_key_maps(probe, config):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_diffusers_aliases_agree_with_comfyui(probe, config):
     info = _config(probe, config)
-    table = probe[1][config][0]
+    family, variant = config.split("/")
+    table = arch_for(family, variant)
     unet_map = info["unet_map"]
     known = 0
     for name, aliases in dit_files.spellings(table.family, table.variant).items():
@@ -150,10 +159,9 @@ def test_diffusers_aliases_agree_with_comfyui(probe, config):
                 assert mapped[1] == [0, start, end - start] and first == 0, alias
             else:  # a whole-weight function: the scale/shift swap
                 assert mapped[2] == "swap_scale_shift", alias
-    assert known > 0
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", FILE_CONFIGS)
 @pytest.mark.parametrize("which", ["written", "diffusers"])
 def test_comfyui_patch_equals_core_delta(probe, config, which):
     info = _config(probe, config)
@@ -162,11 +170,20 @@ def test_comfyui_patch_equals_core_delta(probe, config, which):
     index = next(i for i, f in enumerate(probe[2]) if f["path"] == str(path))
     theirs = load_file(str(probe[3] / f"file{index}.safetensors"))
     lora = load_lora(str(path))
-    assert probe[0]["files"][index]["not_loaded"] == []
-    check = probe[2][index]["check"]
+    not_loaded = probe[0]["files"][index]["not_loaded"]
+    if which == "written":
+        assert not_loaded == []
+    # a diffusers file: ComfyUI leaves only what its diffusers map lacks (e.g. Chroma's
+    # approximator, Flux.2's shared modulation, any diffusers-named Wan module)
+    skipped = set()
+    for key in not_loaded:
+        stem = key.rsplit(".lora_", 1)[0]
+        assert stem not in info["unet_map"], key
+        skipped.add(resolve_module(stem, table.family, table.variant)[0])
+    check = [n for n in probe[2][index]["check"] if n not in skipped]
     if not check:
-        pytest.skip(f"ΔW through ComfyUI is checked on {sorted(DELTA_CONFIGS)}")
-    assert set(theirs) == set(check)
+        pytest.skip(f"ΔW through ComfyUI is checked on {sorted(DELTA_CONFIGS)}, for what ComfyUI maps")
+    assert set(theirs) >= set(check)
     for name in check:
         m = lora.modules[name]
         ours = m.scale * m.up.double() @ m.down.double()[:, :COLS]
