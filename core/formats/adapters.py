@@ -249,10 +249,10 @@ def compress_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor
     return (up.double() @ r.T).to(dt), q.T.to(dt)
 
 
-def build_factors(plan: ModulePlan, get: Callable[[str], torch.Tensor],
+def build_factors(plan: ModulePlan, get: Callable[..., torch.Tensor],
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(up d_out×R, down R×d_in) with ΔW = scale·up·down, in ``dtype``."""
-    t = {role: get(key).to(dtype) for role, key in plan.keys.items()}
+    t = {role: get(key, dtype).to(dtype) for role, key in plan.keys.items()}
     if plan.kind == "lora":
         up = t["up"].reshape(plan.d_out, -1)
         down = t["down"]

@@ -339,11 +339,19 @@ class LoraReader:
         with linalg_threads(1):
             for name in self._plans:
                 module = lora.modules[name] = self._read(name)
-                if is_all_zero(module.up) or is_all_zero(module.down):
+                if self._dead(name, module):
                     dead.append(name)
         if dead:
             lora.warnings.append(f"{len(dead)} module(s) have an all-zero factor (ΔW = 0): {_listing(dead)}")
         return lora
+
+    def _dead(self, name: str, module: LoraModule) -> bool:
+        """An all-zero factor. A plain LoRA's factors are the tensors read,
+        whose extremes the finite check already saw: no second pass."""
+        plan = self._plans[name]
+        if plan.kind == "lora" and "mid" not in plan.keys and name not in self._fused:
+            return plan.keys["up"] in self.source.zero_keys or plan.keys["down"] in self.source.zero_keys
+        return is_all_zero(module.up) or is_all_zero(module.down)
 
     def close(self) -> None:
         self.source.close()
