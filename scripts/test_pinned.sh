@@ -10,8 +10,9 @@ VENV="${GRASSMANN_PINNED_VENV:-$HOME/.cache/grassmann_lora/venv-pinned}"
 PINS=(torch==2.12.1 numpy==1.26.2 Pillow==9.5.0 safetensors==0.4.2 "scipy>=1.10,<1.14" "pytest>=7")
 PY="${PINNED_PYTHON:-}"
 if [ -z "$PY" ]; then
-  for c in python3.10 /root/.pyenv/versions/3.10.13/bin/python python3.11 python3; do
-    if command -v "$c" >/dev/null 2>&1; then PY="$c"; break; fi
+  # the first that runs (a pyenv shim can exist and still refuse to run)
+  for c in /root/.pyenv/versions/3.10.13/bin/python python3.10 python3.11 python3; do
+    if "$c" --version >/dev/null 2>&1; then PY="$c"; break; fi
   done
 fi
 WANT="$("$PY" --version 2>&1) ${PINS[*]}"

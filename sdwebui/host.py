@@ -111,3 +111,25 @@ def option(key: str, default):
     except ImportError:
         return default
     return default if value is None else value
+
+
+def applied() -> list[dict]:
+    """The LoRAs of the last generation and how many of their modules the WebUI matched
+    to a layer (A1111 drops keys it cannot map with a debug log line only)."""
+    from modules import shared
+
+    net = networks()
+    out = []
+    for n in net.loaded_networks:
+        on_disk = getattr(n, "network_on_disk", None)
+        filename = getattr(on_disk, "filename", None)
+        if is_forge(net):
+            model = getattr(shared, "sd_model", None)
+            objs = getattr(model, "forge_objects", None)
+            patchers = [getattr(objs, "unet", None), getattr(getattr(objs, "clip", None), "patcher", None)]
+            matched = sum(len(patches) for p in patchers
+                          for key, patches in (getattr(p, "lora_patches", None) or {}).items() if key[0] == filename)
+        else:
+            matched = len(getattr(n, "modules", {}) or {})
+        out.append({"name": n.name, "filename": filename, "matched_modules": matched})
+    return out

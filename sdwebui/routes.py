@@ -1,13 +1,14 @@
 """HTTP routes under /grassmann-lora/v1 (registered with script_callbacks.on_app_started).
 
     GET  /loras                       the WebUI's LoRAs (?refresh=1 rescans the folders)
+    GET  /applied                     the last image's LoRAs: modules the WebUI matched / in the file
     POST /similarity /kernel /merge /convert /compare   JSON in, JSON out (see service.py)
 
 Every answer is JSON; a bad request gets a 4xx and {"error": "<one line>"}. Heavy
 work runs in the server's thread pool, never on its event loop.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: FastAPI reads the endpoints' `request: Request`
+# annotations at registration, and Request is imported inside register().
 import base64
 import io
 import logging
@@ -80,6 +81,8 @@ def _handle(op: str, body) -> tuple[int, dict]:
     try:
         if op == "loras":
             return 200, {"loras": service.list_loras(refresh=bool(body and body.get("refresh")))}
+        if op == "applied":
+            return 200, {"applied": service.applied()}
         return 200, HANDLERS[op](body)
     except service.RequestError as err:
         return err.status, {"error": str(err)}
@@ -114,6 +117,11 @@ def register(app) -> None:
         endpoint.__name__ = f"grassmann_lora_{op}"
         return endpoint
 
+    async def applied(request: Request):
+        status, answer = await run_in_threadpool(handle, "applied", {})
+        return JSONResponse(answer, status_code=status)
+
     app.add_api_route(f"{PREFIX}/loras", loras, methods=["GET"])
+    app.add_api_route(f"{PREFIX}/applied", applied, methods=["GET"])
     for op in HANDLERS:
         app.add_api_route(f"{PREFIX}/{op}", post(op), methods=["POST"])

@@ -59,6 +59,21 @@ def list_loras(refresh: bool = False) -> list[dict]:
     return out
 
 
+def applied() -> list[dict]:
+    """The LoRAs of the last image: modules matched by the WebUI against modules in the file."""
+    from ..core.formats import load_lora
+
+    out = []
+    for item in host.applied():
+        try:
+            item["file_modules"] = len(load_lora(item["filename"]).modules) if item["filename"] else None
+        except LoraError as err:
+            item["file_modules"], item["error"] = None, str(err)
+        item["filename"] = os.path.basename(item["filename"] or "")
+        out.append(item)
+    return out
+
+
 def resolve(ref) -> str:
     """A LoRA name or a path inside the LoRA folders → its file."""
     if not isinstance(ref, str) or not ref.strip():

@@ -193,15 +193,25 @@ def test_script_outside_a_webui_logs_one_line_and_registers_nothing(monkeypatch,
 
 
 def test_routes_registered_on_app_started(ext, monkeypatch):
-    added = []
-    app = types.SimpleNamespace(add_api_route=lambda path, fn, methods: added.append((path, tuple(methods))))
+    import typing
+    added, endpoints = [], []
+
+    def add_api_route(path, fn, methods):
+        added.append((path, tuple(methods)))
+        endpoints.append(fn)
+    app = types.SimpleNamespace(add_api_route=add_api_route)
     for name in ("starlette", "starlette.concurrency", "starlette.requests", "starlette.responses"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+    class Request:
+        pass
     sys.modules["starlette.concurrency"].run_in_threadpool = None
-    sys.modules["starlette.requests"].Request = object
+    sys.modules["starlette.requests"].Request = Request
     sys.modules["starlette.responses"].JSONResponse = object
     ext.callbacks.registered["on_app_started"][0](None, app)
-    assert added == [("/grassmann-lora/v1/loras", ("GET",))] + [
+    # FastAPI injects the request by the annotation, resolved in the endpoint's globals
+    assert all(typing.get_type_hints(fn) == {"request": Request} for fn in endpoints)
+    assert added == [("/grassmann-lora/v1/loras", ("GET",)), ("/grassmann-lora/v1/applied", ("GET",))] + [
         (f"/grassmann-lora/v1/{op}", ("POST",)) for op in ("similarity", "kernel", "merge", "convert", "compare")]
 
 
@@ -213,6 +223,17 @@ def test_loras_route_lists_the_webui_names(ext):
     assert [x["name"] for x in answer["loras"]] == ["other", "style_a", "style_b"]
     assert answer["loras"][1]["file"] == "style_a.safetensors"
     assert all(x["size"] > 0 for x in answer["loras"])
+
+
+def test_applied_route_counts_matched_modules(ext):
+    net = sys.modules["networks"]
+    entry = net.available_networks["style_a"]
+    net.loaded_networks.append(types.SimpleNamespace(name="style_a", network_on_disk=entry,
+                                                     modules={f"m{i}": None for i in range(5)}))
+    status, answer = ext.routes.handle("applied", {})
+    assert status == 200
+    assert answer["applied"] == [{"name": "style_a", "filename": "style_a.safetensors", "matched_modules": 5,
+                                  "file_modules": 6}]
 
 
 def test_similarity_route(ext):

@@ -1,0 +1,46 @@
+// Headless-Chromium check of the "Grassmann LoRA" tab in a running WebUI (gradio 3.41 or 4.x).
+//   node webui_tab.mjs <webui url> <screenshot.png>
+// Opens the UI, selects the tab (gradio 4 renders top tabs as role="tab", gradio 3 as
+// buttons), waits for the Merge button, shows the Merge sub-tab, screenshots the page.
+import { createRequire } from "node:module";
+import fs from "node:fs";
+import path from "node:path";
+
+const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
+const { chromium } = require("playwright-core");
+const [url, shot] = process.argv.slice(2);
+fs.mkdirSync(path.dirname(shot), { recursive: true });
+const userDir = fs.mkdtempSync(path.join(path.dirname(shot), "chromium-profile-"));
+const context = await chromium.launchPersistentContext(userDir, {
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium", headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run"],
+  viewport: { width: 1500, height: 1000 },
+});
+const page = context.pages()[0] || (await context.newPage());
+const errors = [];
+page.on("pageerror", (e) => errors.push(String(e)));
+let code = 0;
+try {
+  await page.goto(url, { waitUntil: "domcontentloaded", timeout: 180000 });
+  const tab = page.locator('[role="tab"], button').filter({ hasText: /^\s*Grassmann LoRA\s*$/ }).first();
+  await tab.waitFor({ timeout: 180000 });
+  await tab.click();
+  const mergeTab = page.locator("#tab_grassmann_lora").locator('[role="tab"], button').filter({ hasText: /^\s*Merge\s*$/ }).first();
+  await mergeTab.click();
+  await page.locator("#grassmann_lora_merge_run").waitFor({ state: "visible", timeout: 60000 });
+  const text = await page.locator("#tab_grassmann_lora").innerText();
+  for (const want of ["Similarity", "Kernel matrix", "Merge", "Convert", "Compare", "Merge and save"]) {
+    if (!text.includes(want)) { console.log(`missing text: ${want}`); code = 1; }
+  }
+  await page.waitForTimeout(500);
+  await page.screenshot({ path: shot, fullPage: false });
+  console.log(`screenshot ${shot}; page errors: ${errors.length}`);
+} catch (e) {
+  console.log(`FAIL: ${e}`);
+  await page.screenshot({ path: shot }).catch(() => {});
+  code = 1;
+}
+await context.close();
+fs.rmSync(userDir, { recursive: true, force: true });
+process.exit(code);
