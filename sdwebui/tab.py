@@ -204,7 +204,7 @@ def build():
         with gr.Row():
             status = gr.Markdown("", elem_id="grassmann_lora_status")
         with gr.Row():
-            refresh = gr.Button("🔄 Refresh LoRA list", elem_id="grassmann_lora_refresh")
+            refresh = gr.Button("Refresh LoRA list", elem_id="grassmann_lora_refresh")
             stop_btn = gr.Button("Interrupt", variant="stop", elem_id="grassmann_lora_stop")
         pickers = []
         with gr.Tabs():
