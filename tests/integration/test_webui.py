@@ -1,6 +1,7 @@
-"""The extension inside a real A1111 1.10 and a real Forge (skipped unless laid out:
-``WEBUI_PATH`` / ``WEBUI_FORGE_PATH``, see webui_harness.py and
-../shared/docs/webui.md). One server start per WebUI; 64×64 images, 2 steps.
+"""The extension inside a real A1111 1.10 and a real Forge (opt-in with
+``GRASSMANN_WEBUI_TESTS=1``, and skipped unless laid out: ``WEBUI_PATH`` /
+``WEBUI_FORGE_PATH``, see webui_harness.py and ../shared/docs/webui.md). One
+server start per WebUI; 64×64 images, 2 steps.
 
 Every route answers; a merge of two real SD1.5 LoRAs through /merge lands in the
 LoRA folder and ``<lora:name:1>`` changes the image with every module of the file

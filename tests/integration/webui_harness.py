@@ -45,6 +45,9 @@ def webui_path(kind: str) -> Path:
 
 def available(kind: str) -> tuple[bool, str]:
     env, _, _ = KINDS[kind]
+    if os.environ.get("GRASSMANN_WEBUI_TESTS") != "1":
+        return False, ("WebUI integration tests are opt-in: set GRASSMANN_WEBUI_TESTS=1 (two server starts "
+                       "and several CPU renders: about 5 min for Forge and 5-10 min for A1111 on 2 cores)")
     path = webui_path(kind)
     if not (path / "launch.py").is_file():
         return False, f"no {kind} WebUI at {path} (set {env}; see ../shared/docs/webui.md)"
