@@ -61,6 +61,9 @@ def _clip(name):
         if name == "wan":
             from comfy.text_encoders.wan import te
             return te()(device=meta)
+        if name == "hidream":
+            from comfy.text_encoders.hidream import hidream_clip
+            return hidream_clip(clip_l=True, clip_g=True, t5=True, llama=True)(device=meta)
         return None
     return build
 
@@ -103,6 +106,11 @@ CONFIGS = {
     "wan/5b": (_wan(3072, 24, 14336, 30, in_dim=48, out_dim=48), _clip("wan")),
     "wan/14b-i2v": (_wan(5120, 40, 13824, 40, in_dim=36, model_type="i2v"), _clip("wan")),
     "wan/1.3b-i2v": (_wan(1536, 12, 8960, 30, in_dim=36, model_type="i2v"), _clip("wan")),
+    "hidream/i1": (dict(image_model="hidream", attention_head_dim=128, axes_dims_rope=[64, 32, 32],
+                        caption_channels=[4096, 4096], max_resolution=[128, 128], in_channels=16,
+                        llama_layers=list(range(32)) + [31] * 16, num_attention_heads=20, num_routed_experts=4,
+                        num_activated_experts=2, num_layers=16, num_single_layers=32, out_channels=16,
+                        patch_size=2, text_emb_dim=2048), _clip("hidream")),
 }
 
 

@@ -104,8 +104,8 @@ def test_table_is_comfyuis_model(probe, config):
     table = arch_for(family, variant)
     ours = {f"diffusion_model.{_ldm(table, n)}.weight": math.prod(s) for n, s in table.shapes.items()
             if n.startswith("lora_unet_")}
-    # 2-D linears and 4-D convs (LoRA's layers); a 5-D Conv3d patch embedding is no LoRA target
-    theirs = {k: math.prod(s) for k, s in info["unet_weights"].items() if len(s) <= 4}
+    # every weight of 2 dims or more: linears, convs, Wan's Conv3d patch embedding (ComfyUI patches it too)
+    theirs = {k: math.prod(s) for k, s in info["unet_weights"].items()}
     assert sorted(set(theirs) - set(ours)) == [] and sorted(set(ours) - set(theirs)) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
 
