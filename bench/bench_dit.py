@@ -137,7 +137,7 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--methods", nargs="+", default=["svd", "karcher"])
     ap.add_argument("--skip-families", action="store_true")
-    ap.add_argument("--skip-eager", action="store_true", help="no whole-file baseline")
+    ap.add_argument("--eager", nargs="*", default=["svd"], help="methods also run on whole files in memory")
     ap.add_argument("--child")
     ap.add_argument("--lazy", action="store_true")
     ap.add_argument("paths", nargs="*")
@@ -159,10 +159,11 @@ def main():
               f"(written in {time.perf_counter() - t0:.0f} s)")
         print(f"{'method':<8} {'sources':<7} {'modules':>7} {'open s':>7} {'merge s':>8} {'peak RSS':>9} {'RSS/sources':>11}")
         for method in args.methods:
-            for lazy in ((True,) if args.skip_eager else (True, False)):
+            for lazy in ((True, False) if method in args.eager else (True,)):
                 r = run_child(method, args.rank, lazy, paths)
                 print(f"{method:<8} {'lazy' if lazy else 'eager':<7} {r['modules']:>7} {r['open_s']:>7.1f} "
-                      f"{r['merge_s']:>8.1f} {r['peak_rss'] / 2**30:>7.2f} G {r['peak_rss'] / size:>10.2f}×")
+                      f"{r['merge_s']:>8.1f} {r['peak_rss'] / 2**30:>7.2f} G {r['peak_rss'] / size:>10.2f}×",
+                      flush=True)
         if not args.skip_families:
             families(tmp)
     finally:
