@@ -7,6 +7,10 @@
 //   mode "check":  add every pack node, exercise the dynamic LoRA inputs, load
 //                  the UI workflow given, queue it, wait, check the table and the
 //                  heatmap preview render, collect console errors, screenshot.
+//   mode "shots":  for each entry of the JSON plan given (name, UI file, files to
+//                  pick, result node): load the template, pick the files, queue it,
+//                  time it, screenshot the graph and the result node; then open
+//                  the template browser on the pack's category and screenshot it.
 import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
@@ -47,9 +51,16 @@ try {
   // a returning user: no first-run template browser over the canvas
   await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
   const templates = await (await fetch(`${url}/api/workflow_templates`)).json();
-  check(JSON.stringify((templates.grassmann_lora || []).sort()) ===
-    JSON.stringify(["1_side_by_side_merges", "2_library_map", "3_two_lora_analysis", "4_merge_fidelity"]),
-    "the example workflows are offered in ComfyUI's template browser", { grassmann_lora: templates.grassmann_lora });
+  const expected = JSON.parse(process.env.GRASSMANN_TEMPLATES || "[]").sort();
+  // export writes the UI files the template browser lists: nothing to check before it
+  if (mode !== "export") check(JSON.stringify((templates.grassmann_lora || []).sort()) === JSON.stringify(expected),
+    "the example workflows are offered in ComfyUI's template browser", { grassmann_lora: templates.grassmann_lora, expected });
+  for (const name of mode === "check" ? expected : []) {   // shots makes them
+    // what the template browser fetches for a custom node's template: <name>.json and <name>.jpg
+    const thumb = await fetch(`${url}/api/workflow_templates/grassmann_lora/${encodeURIComponent(name)}.jpg`);
+    const type = thumb.headers.get("content-type") || "";
+    check(thumb.ok && type.includes("jpeg"), `${name}: thumbnail served`, { status: thumb.status, type });
+  }
   await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
   await page.waitForFunction(() => {
     const app = window.app ?? window.comfyAPI?.app?.app;
@@ -116,6 +127,96 @@ try {
       check(same, `${name}: the front end's prompt equals the API graph`,
         same ? {} : { diff: diffGraphs(strip(api), strip(result.prompt)) });
     }
+  } else if (mode === "shots") {
+    const plan = JSON.parse(fs.readFileSync(files[0], "utf8"));
+    for (const item of plan) {
+      const workflow = JSON.parse(fs.readFileSync(item.ui, "utf8"));
+      const run = await page.evaluate(async (item, workflow) => {
+        const app = window.__gl_app;
+        await app.loadGraphData(workflow);
+        await new Promise((r) => setTimeout(r, 800));
+        const g = app.rootGraph;
+        const missing = workflow.nodes.filter((n) => !g.getNodeById(n.id)).map((n) => `node ${n.id}`);
+        if (missing.length) return { kind: "not loaded", seconds: 0, missing };
+        for (const [id, widgets] of Object.entries(item.set)) {
+          const node = g.getNodeById(Number(id));
+          for (const [name, value] of Object.entries(widgets)) {
+            const w = node?.widgets?.find((x) => x.name === name);
+            if (!w) { missing.push(`${id}.${name}`); continue; }
+            w.value = value;
+            w.callback?.(value);
+          }
+        }
+        const api = window.comfyAPI?.api?.api;
+        const done = new Promise((resolve) => {
+          const finish = (kind) => (e) => resolve({ kind, detail: e.detail });
+          api.addEventListener("execution_success", finish("success"), { once: true });
+          api.addEventListener("execution_error", finish("error"), { once: true });
+          api.addEventListener("execution_interrupted", finish("interrupted"), { once: true });
+          setTimeout(() => resolve({ kind: "timeout" }), item.timeout_ms || 1500000);
+        });
+        const t0 = performance.now();
+        const queued = await app.queuePrompt(0, 1);
+        // a prompt refused by validation never runs: no event would come
+        const refused = app.lastNodeErrors && Object.keys(app.lastNodeErrors).length;
+        if (queued === false || refused) {
+          return { kind: "refused", seconds: 0, missing, detail: JSON.stringify(app.lastNodeErrors).slice(0, 2000) };
+        }
+        const r = await done;
+        const seconds = (performance.now() - t0) / 1000;
+        await new Promise((res) => setTimeout(res, 2500));   // previews load, tables lay out
+        return { kind: r.kind, seconds, missing, detail: r.kind === "error" ? r.detail : undefined };
+      }, item, workflow);
+      check(run.kind === "success" && run.missing.length === 0, `${item.name}: ran from the UI in ${run.seconds.toFixed(0)} s`, run);
+      // the whole graph, then the result node
+      for (const [suffix, ids] of [["graph", null], ["result", item.focus]]) {
+        await page.evaluate((ids) => {
+          const app = window.__gl_app;
+          const g = app.rootGraph;
+          const nodes = ids ? ids.map((id) => g.getNodeById(Number(id))).filter(Boolean) : g._nodes;
+          app.canvas.selectItems?.(nodes);
+          app.canvas.fitViewToSelectionAnimated?.({ duration: 1, zoom: 0.95 });
+          app.canvas.deselectAll?.();
+          app.canvas.setDirty(true, true);
+        }, ids);
+        await page.waitForTimeout(1500);
+        await page.screenshot({ path: path.join(outDir, `${item.name}.${suffix}.png`) });
+      }
+      // the thumbnail: a square around the result node (the view is fitted to it)
+      const box = await page.evaluate((ids) => {
+        const app = window.__gl_app;
+        const nodes = ids.map((id) => app.rootGraph.getNodeById(Number(id))).filter(Boolean);
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        const ds = app.canvas.ds;
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        for (const n of nodes) {
+          const [ax, ay] = ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - 30]);
+          const [bx, by] = ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+          x0 = Math.min(x0, ax); y0 = Math.min(y0, ay); x1 = Math.max(x1, bx); y1 = Math.max(y1, by);
+        }
+        return { x: rect.x + x0, y: rect.y + y0, w: x1 - x0, h: y1 - y0, vw: innerWidth, vh: innerHeight };
+      }, item.focus);
+      const side = Math.min(box.vh, box.vw, Math.max(box.w, box.h) + 20);
+      const cx = box.x + box.w / 2, cy = box.y + box.h / 2;
+      const clip = { x: Math.max(0, Math.min(box.vw - side, cx - side / 2)),
+        y: Math.max(0, Math.min(box.vh - side, cy - side / 2)), width: side, height: side };
+      await page.screenshot({ path: item.thumb, type: "jpeg", quality: 85, clip });
+      report.steps.push({ name: `timing ${item.name}`, seconds: run.seconds });
+    }
+    // the template browser, on the pack's category
+    await page.evaluate(() => window.__gl_app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    await page.waitForTimeout(2500);
+    await page.getByText("grassmann_lora", { exact: true }).first().click().catch(() => {});
+    await page.waitForTimeout(2500);
+    const cards = await page.evaluate(() =>
+      [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map((el) => {
+        const img = el.querySelector("img");
+        return { id: el.dataset.testid, src: img?.getAttribute("src") || "", w: img?.naturalWidth || 0 };
+      }));
+    const ours = cards.filter((c) => c.src.includes("/workflow_templates/grassmann_lora/"));
+    check(ours.length === plan.length && ours.every((c) => c.w > 0),
+      "the template browser shows each template with its thumbnail", { cards: ours });
+    await page.screenshot({ path: path.join(outDir, "template_browser.png") });
   } else {
     // 1. every pack node can be added; the LoRA-taking ones start with one lora slot
     const nodes = await page.evaluate(async () => {
@@ -193,7 +294,7 @@ try {
       await new Promise((res) => setTimeout(res, 1500));   // let previews load and the canvas draw
       return { kind: r.kind, detail: r.kind === "error" ? r.detail : undefined };
     }, workflow);
-    check(run.kind === "success", "workflow 3 ran from the UI", run);
+    check(run.kind === "success", "the two-LoRA workflow ran from the UI", run);
 
     // fit the graph into view and draw
     await page.evaluate(() => {

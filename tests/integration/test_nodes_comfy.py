@@ -220,7 +220,7 @@ def ui_to_api(ui_graph: dict, info: dict) -> dict:
 @pytest.mark.parametrize("name", list(eg.WORKFLOWS))
 def test_ui_workflow_is_the_api_graph(comfy, name):
     path = eg.WORKFLOWS_DIR / f"{name}.json"
-    api = json.loads((eg.API_DIR / f"{name}.json").read_text())
+    api = json.loads(eg.api_path(name).read_text())
     assert api == json.loads(json.dumps(eg.WORKFLOWS[name]())), "api twin is stale: rerun example_graphs.py"
     ui_graph = json.loads(path.read_text())
     assert ui_graph.get("nodes") and "links" in ui_graph, "not a UI-format workflow"
@@ -232,7 +232,7 @@ def test_ui_workflow_is_the_api_graph(comfy, name):
 # ----------------------------------------------------------------------------- workflow 3
 
 def test_two_lora_analysis(comfy, real_loras_dir):
-    graph = json.loads((eg.API_DIR / "3_two_lora_analysis.json").read_text())
+    graph = eg.runnable(eg.TWO_LORA)
     entry = run(comfy, graph, "workflow 3 (two-LoRA analysis)")
     out = ui(entry, "3")
     tables = out["grassmann_table"]
@@ -258,7 +258,7 @@ def test_two_lora_analysis(comfy, real_loras_dir):
 # ----------------------------------------------------------------------------- workflow 2
 
 def test_library_map(comfy):
-    graph = json.loads((eg.API_DIR / "2_library_map.json").read_text())
+    graph = eg.runnable(eg.LIBRARY_MAP)
     entry = run(comfy, graph, "workflow 2 (library map, 6 LoRAs)")
     out = ui(entry, "20")
     loras_table, matrix = out["grassmann_table"][0], out["grassmann_table"][1]
@@ -284,7 +284,7 @@ def test_library_map(comfy):
 def test_cancel_stops_kernel_matrix(comfy):
     """Interrupting while the kernel matrix runs ends the prompt as interrupted
     (ComfyUI's progress bar updates raise), long before the work would finish."""
-    graph = json.loads((eg.API_DIR / "2_library_map.json").read_text())
+    graph = eg.runnable(eg.LIBRARY_MAP)
     graph["20"]["inputs"].update(top=0, side="both")          # new inputs: nothing cached
     pid = comfy.queue_prompt(graph)
     deadline = time.monotonic() + 60
@@ -305,7 +305,7 @@ def test_cancel_stops_kernel_matrix(comfy):
 
 def _side_by_side_graph() -> dict:
     """Workflow 1 at test size, plus each branch's image saved and its weights digested."""
-    g = json.loads((eg.API_DIR / "1_side_by_side_merges.json").read_text())
+    g = eg.runnable(eg.SIDE_BY_SIDE)
     g["10"]["inputs"].update(width=SIZE, height=SIZE)
     for k, (_, src) in enumerate(eg.SIDE_BY_SIDE_SOURCES):
         g[src]["inputs"]["strength_model"] = STRENGTH_MODEL
@@ -392,7 +392,7 @@ def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
     assert json.loads(meta["grassmann_lora.merge"])["method"] == "karcher"
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
 
-    api = json.loads((eg.API_DIR / "1_side_by_side_merges.json").read_text())
+    api = eg.runnable(eg.SIDE_BY_SIDE)
     sampler = api["42"]["inputs"]
     graph = ch.txt2img_graph(eg.CHECKPOINT, name, strength_model=STRENGTH_MODEL, strength_clip=1.0,
                              positive=eg.POSITIVE, negative=eg.NEGATIVE, width=SIZE, height=SIZE,
@@ -416,7 +416,7 @@ def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
 def test_merge_fidelity_workflow(comfy):
     """Workflow 4 at test size: three merges rendered into one grid, and the
     fidelity table of both sources against all three merges."""
-    g = json.loads((eg.API_DIR / "4_merge_fidelity.json").read_text())
+    g = eg.runnable(eg.MERGE_FIDELITY)
     g["10"]["inputs"].update(width=SIZE, height=SIZE)
     for k in range(len(eg.MERGE_FIDELITY_MERGES)):
         g[str(22 + 10 * k)]["inputs"].update(steps=STEPS, cfg=CFG)
@@ -433,6 +433,21 @@ def test_merge_fidelity_workflow(comfy):
     grid = comfy.output_images(entry, "81", load=True)[0]
     geo = pack("core.compare_grid").grid_geometry(len(eg.MERGE_FIDELITY_MERGES), SIZE, SIZE)
     assert grid.shape == (geo.height, geo.width, 3)
+def test_workflow_1_runs_again(comfy, side_by_side):
+    """Issue 14: queueing the template again must succeed. The merge weights change
+    so the merge and its Save node really run again (unchanged nodes come from
+    ComfyUI's cache); the second save gets a new numbered name and the first file
+    stays as it was."""
+    entry, _, _, _ = side_by_side
+    first = ui(entry, "9")["grassmann_table"][0]["rows"][0][1]
+    before = (comfy.loras_dir / first).read_bytes()
+    graph = _side_by_side_graph()
+    graph["6"]["inputs"]["weights"] = "0.6, 0.4"
+    again = run(comfy, graph, "workflow 1 queued again (merge weights changed)")
+    second = ui(again, "9")["grassmann_table"][0]["rows"][0][1]
+    assert second != first and (comfy.loras_dir / second).is_file()
+    assert (comfy.loras_dir / first).read_bytes() == before
+    assert len(comfy.output_images(again, "81")) == 1          # the grid was made again
 
 
 # ----------------------------------------------------------------------------- bad inputs
