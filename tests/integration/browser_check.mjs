@@ -131,7 +131,7 @@ try {
     const plan = JSON.parse(fs.readFileSync(files[0], "utf8"));
     for (const item of plan) {
       const workflow = JSON.parse(fs.readFileSync(item.ui, "utf8"));
-      const run = await page.evaluate(async (item, workflow) => {
+      const run = await page.evaluate(async ({ item, workflow }) => {
         const app = window.__gl_app;
         await app.loadGraphData(workflow);
         await new Promise((r) => setTimeout(r, 800));
@@ -166,7 +166,7 @@ try {
         const seconds = (performance.now() - t0) / 1000;
         await new Promise((res) => setTimeout(res, 2500));   // previews load, tables lay out
         return { kind: r.kind, seconds, missing, detail: r.kind === "error" ? r.detail : undefined };
-      }, item, workflow);
+      }, { item, workflow });
       check(run.kind === "success" && run.missing.length === 0, `${item.name}: ran from the UI in ${run.seconds.toFixed(0)} s`, run);
       // the whole graph, then the result node
       for (const [suffix, ids] of [["graph", null], ["result", item.focus]]) {

@@ -41,7 +41,6 @@ MERGE_FIDELITY = "4 Merge three ways, measure what each keeps"
 # Workflow 1 as shipped: the fast size for CPUs (SD1.5's own 512×512 × 20 steps × five
 # images takes most of an hour on a small CPU); the Note gives the GPU size.
 SIZE, STEPS = 256, 12
-CPU_MINUTES = "about 7"     # measured by browser_check.py --shots on a 2-core CPU
 
 # name in the loras folder -> (fixture file, convert to kohya?)
 LORAS = {
@@ -187,8 +186,8 @@ SIDE_BY_SIDE_NOTE = (
     "PICK: an SD1.5 checkpoint in Load Checkpoint, and two SD1.5 LoRAs of yours in LoRA A and "
     "LoRA B (kohya, diffusers, PEFT, LyCORIS, … files from your loras folder). They start empty.\n\n"
     f"SPEED: shipped at the fast size for CPUs: {SIZE}×{SIZE} pixels, {STEPS} steps, five images "
-    f"({CPU_MINUTES} minutes on a 2-core CPU). On a GPU set Empty Latent Image to 512×512 and the "
-    "KSamplers to 20–30 steps for full SD1.5 quality.\n\n"
+    "(SD1.5's own 512×512 × 20 steps is most of an hour on a small CPU). On a GPU set Empty Latent "
+    "Image to 512×512 and the KSamplers to 20–30 steps for full SD1.5 quality.\n\n"
     "LoRA A and LoRA B are applied as they are; Karcher Merge LoRA merges them three ways (karcher = "
     "Grassmann Karcher mean of their subspaces, linear = exact weighted sum, svd = best rank-p "
     "approximation of the sum). Every branch uses the same prompt, seed and sampler; Compare Grid "
