@@ -31,10 +31,9 @@ from core.formats.names import resolve_module
 from core.save import save_kohya
 from core.sdarch import arch_for
 from tests import dit_files
-from tests.integration.comfy_harness import comfyui_available, comfyui_path, comfyui_python
+from tests.integration.comfy_harness import comfyui_path, comfyui_python
 
-_OK, _WHY = comfyui_available()
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(not _OK, reason=f"needs a real ComfyUI: {_WHY}")]
+pytestmark = pytest.mark.comfyui
 
 PROBE = Path(__file__).with_name("comfy_keymap_probe.py")
 CONFIGS = [f"{f}/{v}" for f in dit.FAMILY_MODULES for v in dit.variants(f)]

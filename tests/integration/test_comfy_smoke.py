@@ -9,20 +9,13 @@ ComfyUI's python builds the random full-size SD1.5 checkpoint (cached in
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import comfy_harness as ch  # noqa: E402
+import comfy_harness as ch  # this folder is on sys.path (conftest.py)
 
-_OK, _WHY = ch.comfyui_available()
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not _OK, reason=f"needs a real ComfyUI: {_WHY}"),
-]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 RANK = 4
 

@@ -9,24 +9,15 @@ back through a test-only probe node. Run with ``-s`` to see the measured tables.
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import comfy_harness as ch  # noqa: E402
-import example_graphs as eg  # noqa: E402
+import comfy_harness as ch  # this folder is on sys.path (conftest.py)
+import example_graphs as eg
 
-_OK, _WHY = ch.comfyui_available()
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not _OK, reason=f"needs a real ComfyUI: {_WHY}"),
-]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 SIZE = 64
 PROMPT_A, PROMPT_B = "a red fox in the snow", "a city street at night, neon signs"

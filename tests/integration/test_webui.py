@@ -22,14 +22,12 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import webui_harness as wh  # noqa: E402
+import webui_harness as wh  # this folder is on sys.path (conftest.py)
 
 pytestmark = pytest.mark.integration
 PROMPT = "a photo of a cat"
