@@ -591,3 +591,24 @@ def _off_diagonal_range(dist: np.ndarray) -> str:
         return "n/a"
     off = dist[~np.eye(n, dtype=bool)]
     return f"{off.min():.3g}…{off.max():.3g}"
+
+
+def cluster_as_asked(km, clusters: int | None, dbscan, method: str = "spectral", seed: int = 0,
+                     force: bool = False):
+    """(clustering, note): the clusters asked for (k, or DBSCAN's (EPS, MIN)); without either,
+    k by the eigengap, which is optional: when it fails the note says why instead."""
+    explicit = clusters is not None or dbscan is not None
+    if dbscan is not None:
+        try:
+            eps, min_samples = float(dbscan[0]), int(dbscan[1])
+        except (TypeError, ValueError, IndexError):
+            raise LoraError(f"dbscan needs EPS (a number) and MIN (an integer); got {dbscan}")
+        kwargs = dict(method="dbscan", eps=eps, min_samples=min_samples)
+    else:
+        kwargs = dict(method=method, k=clusters)
+    try:
+        return cluster_kernel_matrix(km, seed=seed, force=force, **kwargs), None
+    except LoraError as err:
+        if explicit:
+            raise
+        return None, f"no clustering: {err}"

@@ -523,3 +523,37 @@ def _compare_module(report: SimilarityReport, name: str, sides: tuple[str, ...],
             r.angles_deg = torch.rad2deg(theta).tolist()
         out.append(r)
     return out
+
+
+SHOWN_CANDIDATES = 5     # names listed when a module name is ambiguous
+
+
+def shared_module(a, b, name: str) -> str:
+    """The one module both LoRAs share that ``name`` means: the canonical name,
+    the name without 'lora_unet_'/'lora_', an alias the architecture table
+    knows (diffusers/LDM dotted paths), or else a unique part of a name.
+    Several matches are an error listing some of them."""
+    shared = [n for n in a.modules if n in b.modules]
+    candidates = [name, "lora_unet_" + name, "lora_" + name]
+    try:
+        alias = arch_for(a.family).canonical(name)
+        if alias:
+            candidates.append(alias)
+    except KeyError:
+        pass
+    for c in candidates:
+        if c in b.modules and c in a.modules:
+            return c
+    part = name.replace(".", "_")
+    found = [n for n in shared if part in n]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        shown = ", ".join(found[:SHOWN_CANDIDATES]) + (f" … (+{len(found) - SHOWN_CANDIDATES} more)"
+                                                        if len(found) > SHOWN_CANDIDATES else "")
+        raise LoraError(f"module name is ambiguous: {len(found)} shared modules match, e.g. {shown}",
+                        a.path, name)
+    only = [p for p in (a, b) if any(c in p.modules for c in candidates)]
+    where = f"it is only in {only[0].name}" if only else "neither LoRA has it"
+    raise LoraError(f"module not shared by both LoRAs ({where}); `inspect` lists the module names",
+                    a.path, name)

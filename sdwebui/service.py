@@ -145,8 +145,7 @@ SIMILARITY_FIELDS = ("a", "b", "side", "top", "module")
 
 def similarity(body: dict, progress=None, stop=None) -> tuple[dict, object]:
     """Answer and the report (for images)."""
-    from ..core.commands.similarity import resolve_module
-    from ..core.similarity import compare
+    from ..core.similarity import compare, shared_module
 
     check_body(body, SIMILARITY_FIELDS)
     side = _field(body, "side", str, "out", SIDES)
@@ -158,7 +157,7 @@ def similarity(body: dict, progress=None, stop=None) -> tuple[dict, object]:
     answer = {"a": body["a"], "b": body["b"], "side": side, "summary": report.text_summary(),
               "report": report.to_dict()}
     if module:
-        name = resolve_module(report, module)
+        name = shared_module(report.a, report.b, module)
         answer["module"] = name
         answer["phi_grid"] = {s: report.phi_grid(name, s).tolist() for s in report.sides
                               if report.module(name, s).live}
@@ -171,8 +170,7 @@ KERNEL_FIELDS = ("loras", "kernel", "beta", "alpha", "side", "module_filter", "t
 
 def kernel(body: dict, progress=None, stop=None) -> tuple[dict, object, object]:
     """Answer, kernel matrix and clustering (for the heatmap)."""
-    from ..core.commands.kernel import cluster_as_asked
-    from ..core.kernel_matrix import compute_kernel_matrix
+    from ..core.kernel_matrix import cluster_as_asked, compute_kernel_matrix
     from ..core.kernels import DEFAULT_KERNEL, KERNELS
 
     check_body(body, KERNEL_FIELDS)
@@ -293,7 +291,7 @@ CONVERT_FIELDS = ("lora", "name", "dtype", "overwrite")
 
 def convert(body: dict) -> dict:
     """Any readable LoRA → a kohya-named copy in the LoRA folder (A1111 needs kohya names)."""
-    from ..core.commands.convert import carried_metadata, kohya_ready
+    from ..core.conversion import carried_metadata, kohya_ready
     from ..core.save import DTYPES, save_kohya
 
     check_body(body, CONVERT_FIELDS)

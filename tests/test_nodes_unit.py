@@ -97,10 +97,11 @@ def test_pack_import_is_cheap():
     assert out.stdout.split() == [str(len(NODE_CLASS_MAPPINGS)), "False", "False"], out.stdout + out.stderr
 
 
-def test_nodes_import_no_cli_code():
-    """nodes/ are adapters over the library: nothing from core/commands (the CLI)."""
+def test_host_adapters_import_no_cli_code():
+    """nodes/ (ComfyUI) and sdwebui/ (WebUI) are adapters over the library: nothing from
+    core/commands (the CLI)."""
     import ast
-    for path in sorted((ROOT / "nodes").glob("*.py")):
+    for path in sorted([*(ROOT / "nodes").glob("*.py"), *(ROOT / "sdwebui").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])

@@ -82,31 +82,8 @@ def load_all(paths: list[str]) -> tuple[list, list[str]]:
     return loras, skipped
 
 
-def cluster_as_asked(km, clusters: int | None, dbscan, method: str = "spectral", seed: int = 0,
-                     force: bool = False):
-    """(clustering, note): the clusters asked for (k, or DBSCAN's (EPS, MIN)); without either,
-    k by the eigengap, which is optional: when it fails the note says why instead."""
-    from ..kernel_matrix import cluster_kernel_matrix
-
-    explicit = clusters is not None or dbscan is not None
-    if dbscan is not None:
-        try:
-            eps, min_samples = float(dbscan[0]), int(dbscan[1])
-        except (TypeError, ValueError, IndexError):
-            raise LoraError(f"dbscan needs EPS (a number) and MIN (an integer); got {dbscan}")
-        kwargs = dict(method="dbscan", eps=eps, min_samples=min_samples)
-    else:
-        kwargs = dict(method=method, k=clusters)
-    try:
-        return cluster_kernel_matrix(km, seed=seed, force=force, **kwargs), None
-    except LoraError as err:
-        if explicit:
-            raise
-        return None, f"no clustering: {err}"
-
-
 def run(args) -> int:
-    from ..kernel_matrix import compute_kernel_matrix
+    from ..kernel_matrix import cluster_as_asked, compute_kernel_matrix
     from ..plot import image_to_png
     from ..progress import terminal_progress
     from ..save import check_outputs

@@ -9,7 +9,6 @@ HELP = ("Compare two LoRAs: subspace similarity φ against chance, principal ang
         "Grassmann distances per module, per block group and overall.")
 
 GRID_TEXT_MAX = 16
-GRID_CANDIDATES = 5
 
 
 def add_arguments(parser) -> None:
@@ -39,43 +38,6 @@ def _load(path: str):
     return load_lora(path)
 
 
-def resolve_module(report, name: str) -> str:
-    """shared_module for a finished report (the WebUI's similarity route)."""
-    return shared_module(report.a, report.b, name)
-
-
-def shared_module(a, b, name: str) -> str:
-    """The one module both LoRAs share that ``name`` means: the canonical name,
-    the name without 'lora_unet_'/'lora_', an alias the architecture table
-    knows (diffusers/LDM dotted paths), or else a unique part of a name.
-    Several matches are an error listing some of them."""
-    shared = [n for n in a.modules if n in b.modules]
-    candidates = [name, "lora_unet_" + name, "lora_" + name]
-    try:
-        from ..sdarch import arch_for
-        alias = arch_for(a.family).canonical(name)
-        if alias:
-            candidates.append(alias)
-    except KeyError:
-        pass
-    for c in candidates:
-        if c in b.modules and c in a.modules:
-            return c
-    part = name.replace(".", "_")
-    found = [n for n in shared if part in n]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        shown = ", ".join(found[:GRID_CANDIDATES]) + (f" … (+{len(found) - GRID_CANDIDATES} more)"
-                                                        if len(found) > GRID_CANDIDATES else "")
-        raise LoraError(f"module name is ambiguous: {len(found)} shared modules match, e.g. {shown}",
-                        a.path, name)
-    only = [p for p in (a, b) if any(c in p.modules for c in candidates)]
-    where = f"it is only in {only[0].name}" if only else "neither LoRA has it"
-    raise LoraError(f"module not shared by both LoRAs ({where}); `inspect` lists the module names",
-                    a.path, name)
-
-
 def _grid_text(grid: np.ndarray) -> str:
     k, l = grid.shape
     shown = grid[:GRID_TEXT_MAX, :GRID_TEXT_MAX]
@@ -102,7 +64,7 @@ def run(args) -> int:
     from ..plot import image_to_png
     from ..progress import terminal_progress
     from ..save import check_outputs
-    from ..similarity import compare
+    from ..similarity import compare, shared_module
 
     if args.grid_png and not args.grid:
         raise LoraError("--grid-png needs --grid MODULE")
