@@ -3,8 +3,8 @@
 A synthetic SDXL kohya LoRA (real module names and shapes, fp16, UNet + both
 text encoders) is written once; then, page cache warm, each is timed best of
 --repeat: the raw read (every byte into memory), safetensors' own load_file
-(tensors as stored), and core.formats.load_lora (checked, planned, fp32
-factors). Prints seconds and the ratios to the raw read.
+(tensors as stored), and core.formats.load_lora (checked, planned,
+factors kept as stored). Prints seconds and the ratios to the raw read.
 
     python bench/bench_load.py [--rank 64] [--repeat 3] [--dir /tmp]
 """

@@ -10,6 +10,11 @@ Conv weights are flattened row-major to d_in = c_in·kh·kw (the layout
 ``weight.reshape(d_out, -1)`` gives), which is how ComfyUI reshapes ΔW back.
 LoHa and LoKr are stored in their exact factored form (face-splitting /
 Khatri–Rao and Kronecker products), so R may exceed the nominal rank.
+
+A plain LoRA read from a file keeps its factors in the dtype stored (fp16,
+bf16, fp32, fp64); LoHa/LoKr/lora_mid/fused factors are built in float32
+(float64 when stored so). Code that computes with ``up``/``down`` converts
+them to its own dtype first.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import pickle
 import re
@@ -87,18 +88,21 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """Lazy reads through ``safe_open``; the header is validated first so that
-    truncated files name the tensor whose data is missing."""
+    """Tensors as views of one private memory map of the file (what
+    safetensors' own loader does, without its per-tensor overhead); the
+    header is validated first so that truncated files name the tensor whose
+    data is missing."""
 
     kind = "safetensors"
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
-        header = _read_safetensors_header(path)
+        header, self._data_start = _read_safetensors_header(path)
         try:
-            self._handle = safe_open(path, framework="pt", device="cpu")
-        except Exception as exc:
+            with open(path, "rb") as fh:
+                # ACCESS_COPY: writable views that never write to the file
+                self._bytes = torch.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY),
+                                               dtype=torch.uint8)
+        except (OSError, ValueError) as exc:
             raise LoraError(f"not a readable safetensors file: {_first_line(exc)}", path) from None
         meta = header.pop("__metadata__", None) or {}
         self._header = header
@@ -114,10 +118,19 @@ class SafetensorsSource(TensorSource):
         return _ST_DTYPES.get(self._header[key]["dtype"], torch.float32)
 
     def _read(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(key)
+        info = self._header[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise LoraError(f"a {info['dtype']} tensor cannot be a LoRA factor", self.path, key)
+        begin, end = info["data_offsets"]
+        raw = self._bytes[self._data_start + begin:self._data_start + end]
+        if (self._data_start + begin) % dtype.itemsize:
+            raw = raw.clone()       # an unaligned tensor (old writers): a view would be refused
+        return raw.view(dtype).view(info["shape"])
 
     def close(self) -> None:
-        self._handle = None
+        # the map lives on in the tensors read (each view holds it) and goes with the last one
+        self._bytes = None
 
 
 # safetensors' own limit: a longer header is garbage, and reading it would
@@ -133,7 +146,8 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _read_safetensors_header(path: str) -> dict:
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """The checked header and the byte where the data begins."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -178,12 +192,12 @@ def _read_safetensors_header(path: str) -> dict:
         if end > data_size:
             raise LoraError(f"truncated file: this tensor's data ends at byte {8 + n + end} but the "
                             f"file has only {size} bytes", path, key)
-        width = _ST_OTHER_DTYPES.get(dtype) or torch.empty((), dtype=_ST_DTYPES[dtype]).element_size()
+        width = _ST_OTHER_DTYPES.get(dtype) or _ST_DTYPES[dtype].itemsize
         if end < begin or end - begin != math.prod(shape) * width:
             raise LoraError(f"corrupt safetensors header entry: shape {shape} of {dtype} needs "
                             f"{math.prod(shape) * width} bytes but data_offsets give {end - begin}",
                             path, key)
-    return header
+    return header, 8 + n
 
 
 def _looks_like_pickle(head: bytes) -> bool:
