@@ -305,3 +305,61 @@ def test_json_report_is_not_replaced_without_overwrite(pair, tmp_path):
     assert out.read_text() == "mine"
     assert _run("similarity", *pair, "--json", str(out), "--overwrite").returncode == 0
     assert json.loads(out.read_text())["summary"]["shared"] == 4
+
+
+# ------------------------------------------------------------------ a real full / read-only disk
+# The tests above raise the OSError by hand; these make the kernel refuse the
+# write: a 64 KiB tmpfs (ENOSPC) or a read-only one (EROFS) mounted in a user
+# and mount namespace (`unshare -rm`, no root needed where user namespaces
+# are allowed), and a 0555 folder written by a process without capabilities
+# (`unshare -U --map-user`: uid 1000 in the namespace, so even root's
+# CAP_DAC_OVERRIDE is gone). Each runs the CLI; the mounts die with it.
+
+def _unshare_works(*flags) -> bool:
+    try:
+        return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory):
+    """A LoRA whose copy cannot fit in 64 KiB."""
+    path = save_kohya(random_lora("sd1", rank=8, seed=3, limit=12), str(tmp_path_factory.mktemp("src") / "s.safetensors"))
+    assert os.path.getsize(path) > 4 * 64 * 1024
+    return path
+
+
+@pytest.mark.parametrize("options, words", [("size=64k", "disk is full"), ("ro,size=64k", "read-only")])
+def test_a_real_full_or_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, big_source, options, words):
+    if not _unshare_works("-rm"):
+        pytest.skip("no user+mount namespaces here (unshare -rm): cannot mount a small tmpfs without root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; '
+              '"$3" -m core convert "$4" "$2/out.safetensors"; rc=$?; echo "left: $(ls -A "$2")"; exit $rc')
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", options, str(mnt), sys.executable,
+                          big_source], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode != 99, f"mount failed: {run.stderr}"
+    _one_line_error(run, str(mnt / "out.safetensors"), words)
+    assert run.stdout.strip() == "left:", run.stdout     # no temporary, no partial file
+
+
+def test_a_real_read_only_folder_refuses_a_process_without_privileges(tmp_path, big_source):
+    if os.geteuid() != 0:
+        pytest.skip("not root: test_read_only_folder covers this with a plain chmod")
+    if not _unshare_works("-U", "--map-user=1000", "--map-group=1000"):
+        pytest.skip("no user namespaces here (unshare -U): cannot drop root's override of folder modes")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        run = subprocess.run(["unshare", "-U", "--map-user=1000", "--map-group=1000", sys.executable, "-m",
+                              "core", "convert", big_source, str(folder / "out.safetensors")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=180,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _one_line_error(run, str(folder / "out.safetensors"), "permission denied")
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
