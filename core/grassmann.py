@@ -122,25 +122,43 @@ class SqDistanceHessian:
     the cost is then not convex there (means may be several).
     Summed over k, H(η) = Σ_k E_k·w_k(H_B(B_k) − B_kΦ_k)·P_kᵀ + η·Σ_k w_k P_kΦ_kP_kᵀ
     (Φ_k = diag α·cot α at θ_k): two stacked products with d rows per call.
+
+    With basis = X_⊥ (…, d, d − p), an orthonormal basis of the tangent space at
+    X, the map acts on coordinates instead: η = X_⊥·B ↦ X_⊥ᵀH(η), B (…, d − p, p).
+    Only E changes (to X_⊥ᵀE, the E columns are tangent), so the products have
+    d − p rows and a tangent stays tangent without a projection.
+
+    dtype: the precision of the products (default: the frame's). float32 halves
+    their cost on a CPU; an inexact Newton solve tolerates the ~1e-7 relative
+    error of Hη (the gradient, which decides convergence, stays exact).
+    lower_bound is always computed at the frame's precision.
     """
 
-    def __init__(self, p: torch.Tensor, theta: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> None:
+    def __init__(self, p: torch.Tensor, theta: torch.Tensor, e: torch.Tensor, w: torch.Tensor,
+                 basis: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
         ti, tj = theta.unsqueeze(-1), theta.unsqueeze(-2)
-        self.plus, self.minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
+        self.plus, minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
         self.phi = alpha_cot_alpha(theta).unsqueeze(-2)
-        self.p, self.w = p, w[..., None, None]
+        self.w = w[..., None, None]
         *lead, k, d, r = e.shape
-        self.e = e.movedim(-3, -2).reshape(*lead, d, k * r)            # [E_1 … E_K]
-        self.flat = ((p * self.phi) @ _t(p) * self.w).sum(-3)           # Σ w_k P_kΦ_kP_kᵀ
+        e = e.movedim(-3, -2).reshape(*lead, d, k * r)                  # [E_1 … E_K]
+        if basis is not None:
+            e = _t(basis) @ e
+        flat = ((p * self.phi) @ _t(p) * self.w).sum(-3)                # Σ w_k P_kΦ_kP_kᵀ
+        # w_k·(H_B(B) − BΦ) = B∘same + Bᵀ∘swap: the symmetric/antisymmetric split folded in
+        same = self.w * (0.5 * (minus + self.plus) - self.phi)
+        swap = self.w * (0.5 * (minus - self.plus))
+        dtype = dtype or e.dtype
+        self.e, self.p, self.flat, self.same, self.swap = (t.to(dtype) for t in (e, p, flat, same, swap))
         self.k, self.r = k, r
 
     def __call__(self, eta: torch.Tensor) -> torch.Tensor:
+        out = eta.dtype
+        eta = eta.to(self.e.dtype)
         *lead, d, r = eta.shape
         b = (_t(self.e) @ eta).reshape(*lead, self.k, r, r) @ self.p   # B_k = E_kᵀηP_k
-        bt = _t(b)
-        hb = 0.5 * (self.minus * (b + bt) + self.plus * (b - bt)) - b * self.phi
-        g = (hb @ _t(self.p)) * self.w
-        return self.e @ g.reshape(*lead, self.k * r, r) + eta @ self.flat
+        g = (b * self.same + _t(b) * self.swap) @ _t(self.p)
+        return (self.e @ g.reshape(*lead, self.k * r, r) + eta @ self.flat).to(out)
 
     def lower_bound(self) -> torch.Tensor:
         """Σ_k w_k λ_min(Hess ½d²(·, Y_k)) ≤ λ_min(H) (Weyl). α·cot α decreases on

@@ -55,6 +55,10 @@ DISTANCES = ("geodesic", "chordal")   # Fréchet means offered (see karcher_mean
 RHO_ACCEPT = 0.1              # a step is taken when it achieves this share of the model's decrease
 INNER_KAPPA = 0.1             # tCG stops at ‖r‖ ≤ ‖g‖·min(‖g‖, κ): superlinear outer convergence
 MAX_INNER = 400               # Hessian-vector products per tCG solve at most
+# Hessian-vector products inside tCG: float32 halves their cost; the Newton step only
+# needs a relative accuracy ~min(‖g‖, κ), far above float32 rounding, and the gradient
+# that decides convergence is computed at the input precision.
+PRODUCT_DTYPE = torch.float32
 LANCZOS_STEPS = 24            # Hessian-vector products for the smallest-eigenvalue estimate
 DETERMINISTIC_CHOICE = (
     "two sources: the point at fraction t = w2/(w1+w2) on the geodesic from the first "
@@ -104,8 +108,9 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _Cost:
     """f(X) = ½Σ w_k d_geo²(X, U_k) at one iterate (batched): the log frames of
-    every source, the cost, the Riemannian gradient −Σ w_k Log_X U_k and the
-    Hessian (a map on tangents)."""
+    every source, the cost and the Riemannian gradient −Σ w_k Log_X U_k; on
+    demand (accepted iterates only) an orthonormal basis X_⊥ of the tangent
+    space and the Hessian acting on tangent coordinates B (η = X_⊥B)."""
 
     def __init__(self, x: torch.Tensor, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  w: torch.Tensor) -> None:
@@ -115,11 +120,26 @@ class _Cost:
         logs = (e * self.theta.unsqueeze(-2)) @ p.transpose(-1, -2)
         self.grad = -(logs * w[..., None, None]).sum(-3)
         self.gnorm = torch.linalg.vector_norm(self.grad, dim=(-2, -1))
-        self.hess = SqDistanceHessian(p, self.theta, e, w)
+        self._perp = self._hess = None
 
     @classmethod
     def at(cls, x: torch.Tensor, coords: torch.Tensor, w: torch.Tensor) -> "_Cost":
         return cls(x, log_frame(x.unsqueeze(-3), coords), w)
+
+    @property
+    def perp(self) -> torch.Tensor:
+        """X_⊥ (…, d, d − p): the last columns of a complete QR of X."""
+        if self._perp is None:
+            self._perp = torch.linalg.qr(self.x, mode="complete")[0][..., self.x.shape[-1]:]
+        return self._perp
+
+    def hessian(self, exact: bool = False) -> SqDistanceHessian:
+        """The Hessian on tangent coordinates; its products in PRODUCT_DTYPE unless exact."""
+        if exact:
+            return SqDistanceHessian(*self.frame, self.w, self.perp)
+        if self._hess is None:
+            self._hess = SqDistanceHessian(*self.frame, self.w, self.perp, PRODUCT_DTYPE)
+        return self._hess
 
     def where(self, take: torch.Tensor, other: "_Cost") -> "_Cost":
         """Per batch element: self where take, else other."""
@@ -128,46 +148,49 @@ class _Cost:
         return _Cost(pick(self.x, other.x), tuple(pick(a, b) for a, b in zip(self.frame, other.frame)), self.w)
 
 
-def _boundary_step(eta, d, delta):
-    """τ ≥ 0 with ‖η + τd‖ = Δ."""
-    ee, ed, dd = _inner(eta, eta), _inner(eta, d), _inner(d, d)
-    dd = dd.clamp_min(torch.finfo(dd.dtype).tiny)
-    return (-ed + (ed * ed + dd * (delta * delta - ee).clamp_min(0)).sqrt()) / dd
-
-
 def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
     """Steihaug–Toint truncated CG on the model ⟨g,η⟩ + ½⟨η,Hη⟩ within ‖η‖ ≤ Δ,
-    batched: every element runs its own CG, stopped elements are frozen. The
-    residual target ‖g‖·min(‖g‖, κ) gives quadratic convergence; below tol/2 it
-    is not needed (the next gradient is the residual plus O(‖η‖²)).
-    Returns η, Hη and the Hessian-vector products used per element."""
-    g = f.grad
+    in tangent coordinates (η = X_⊥B, an isometry), batched: every element runs
+    its own CG, stopped elements are frozen. ⟨η,η⟩, ⟨η,d⟩ and ⟨d,d⟩ follow
+    the usual recurrences (Conn, Gould & Toint 2000, §7.5), so each step costs
+    one product and two inner products. The residual target ‖g‖·min(‖g‖, κ)
+    gives quadratic convergence; below tol/2 it is not needed (the next
+    gradient is the residual plus O(‖η‖²)).
+    Returns the coordinates of η, of Hη and the Hessian-vector products used per element."""
+    hess = f.hessian()
+    g = f.perp.transpose(-1, -2) @ f.grad
     eta, heta = torch.zeros_like(g), torch.zeros_like(g)
     r = g.clone()
     rr = _inner(r, r)
     d = -r
+    ee, ed, dd = torch.zeros_like(rr), torch.zeros_like(rr), rr.clone()
     target = (f.gnorm * f.gnorm.clamp_max(INNER_KAPPA)).clamp_min(0.5 * tol)
     running = active.clone()
     products = torch.zeros_like(f.gnorm, dtype=torch.long)
+    tiny = torch.finfo(rr.dtype).tiny
     for _ in range(MAX_INNER):
         if not bool(running.any()):
             break
-        hd = f.hess(d)
+        hd = hess(d)
         products += running.long()
         dhd = _inner(d, hd)
         alpha = rr / torch.where(dhd > 0, dhd, torch.ones_like(dhd))
-        trial = eta + alpha[..., None, None] * d
-        outside = (dhd <= 0) | (_inner(trial, trial) >= delta * delta)
-        step = torch.where(outside, _boundary_step(eta, d, delta), alpha)
-        step = torch.where(running, step, torch.zeros_like(step))[..., None, None]
-        eta = eta + step * d
-        heta = heta + step * hd
-        r = r + step * hd
+        ee_new = ee + 2 * alpha * ed + alpha * alpha * dd
+        outside = (dhd <= 0) | (ee_new >= delta * delta)
+        # τ ≥ 0 with ‖η + τd‖ = Δ
+        tau = (-ed + (ed * ed + dd * (delta * delta - ee).clamp_min(0)).sqrt()) / dd.clamp_min(tiny)
+        step = torch.where(running, torch.where(outside, tau, alpha), torch.zeros_like(alpha))
+        eta = eta + step[..., None, None] * d
+        heta = heta + step[..., None, None] * hd
+        r = r + step[..., None, None] * hd
         running = running & ~outside
         rr_new = _inner(r, r)
         running = running & (rr_new.sqrt() > target)
-        beta = rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny)
-        d = torch.where(running[..., None, None], tangent_projection(f.x, -r + beta[..., None, None] * d), d)
+        beta = rr_new / rr.clamp_min(tiny)
+        d = torch.where(running[..., None, None], -r + beta[..., None, None] * d, d)
+        ed = torch.where(running, beta * (ed + alpha * dd), ed)
+        dd = torch.where(running, rr_new + beta * beta * dd, dd)
+        ee = torch.where(running, ee_new, ee)
         rr = torch.where(running, rr_new, rr)
     return eta, heta, products
 
@@ -188,8 +211,8 @@ def _trust_region(x, coords, w, tol, max_iter):
             return f, steps, products
         eta, heta, used = _tcg(f, delta, active, tol)
         products += used
-        cand = _Cost.at(grassmann_exp(f.x, eta), coords, w)
-        model = -(_inner(f.grad, eta) + 0.5 * _inner(eta, heta))
+        cand = _Cost.at(grassmann_exp(f.x, f.perp @ eta), coords, w)
+        model = -(_inner(f.perp.transpose(-1, -2) @ f.grad, eta) + 0.5 * _inner(eta, heta))
         # Near convergence both decreases are at rounding level; this keeps ρ ≈ 1 there (Manopt's rule).
         reg = 1e3 * eps * f.cost.abs().clamp_min(1.0)
         rho = (f.cost - cand.cost + reg) / (model + reg)
@@ -198,33 +221,34 @@ def _trust_region(x, coords, w, tol, max_iter):
                             torch.where(active & (rho > 0.75) & (norm >= 0.99 * delta),
                                         (2 * delta).clamp_max(delta_max), delta))
         take = active & (rho > RHO_ACCEPT) & torch.isfinite(cand.cost)
-        f = cand.where(take, f)
+        if bool(take.any()):
+            f = cand.where(take, f)
         steps += active.long()
 
 
 def _lanczos_min(f: _Cost, steps: int = LANCZOS_STEPS) -> torch.Tensor:
-    """Smallest Ritz value of the Riemannian Hessian after `steps` Lanczos steps with
-    full reorthogonalisation, from a fixed pseudo-random start (deterministic). An
-    element whose Krylov space closes early (an invariant subspace: exact Ritz
-    values) keeps its tridiagonal block; the unused rows repeat its first Rayleigh
-    quotient, which cannot lower the minimum."""
+    """Smallest Ritz value of the Riemannian Hessian (exact products) after `steps`
+    Lanczos steps with full reorthogonalisation, in tangent coordinates, from a
+    fixed pseudo-random start (deterministic). An element whose Krylov space
+    closes early (an invariant subspace: exact Ritz values) keeps its
+    tridiagonal block; the unused rows repeat its first Rayleigh quotient,
+    which cannot lower the minimum."""
+    hess = f.hessian(exact=True)
     gen = torch.Generator().manual_seed(20240601)
-    v = torch.randn(f.x.shape, generator=gen, dtype=f.x.dtype).to(f.x.device)
-    v = tangent_projection(f.x, v)
-    steps = max(1, min(steps, f.x.shape[-2] * f.x.shape[-1] - f.x.shape[-1] ** 2))
+    shape = f.perp.shape[:-2] + (f.perp.shape[-1], f.x.shape[-1])
+    v = torch.randn(shape, generator=gen, dtype=f.x.dtype).to(f.x.device)
+    steps = max(1, min(steps, shape[-2] * shape[-1]))
     v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True)
     basis, alphas, betas = [v], [], []
     closed = torch.zeros_like(f.cost, dtype=torch.bool)
     for j in range(steps):
-        hv = f.hess(basis[-1])
+        hv = hess(basis[-1])
         alpha = _inner(basis[-1], hv)
         alphas.append(torch.where(closed, alphas[0], alpha) if alphas else alpha)
         for b in basis:            # full reorthogonalisation, twice is enough
             hv = hv - _inner(b, hv)[..., None, None] * b
         for b in basis:
             hv = hv - _inner(b, hv)[..., None, None] * b
-        # dividing by a small β amplifies rounding off the tangent space: project it out
-        hv = tangent_projection(f.x, hv)
         if j == steps - 1:
             break
         beta = torch.linalg.vector_norm(hv, dim=(-2, -1))
@@ -307,7 +331,7 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
             max_iter = 0
         f, steps, products = _trust_region(x, coords, w, tol, max_iter)
         x, gnorm = f.x, f.gnorm
-        lower = f.hess.lower_bound()
+        lower = f.hessian().lower_bound()
         # the Weyl bound certifies most close sources: Lanczos only where it cannot
         hmin = lower.clone()
         unsure = lower <= 0
