@@ -38,7 +38,7 @@ import torch
 from .errors import LoraError
 from .grassmann import (SqDistanceHessian, grassmann_exp, grassmann_log, log_frame, principal_cosines,
                         tangent_projection)
-from .means import Gram, check_weights, flag_mean
+from .means import Gram, check_weights, eigengap
 
 # The π/4 of Afsari 2011 (½·min(injectivity radius π/2, π/√(max curvature 2))).
 # Two readings, both reported:
@@ -321,7 +321,7 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
         # Riemannian gradient of ½Σ w_k ‖XXᵀ − U_kU_kᵀ‖²_F: −(I − XXᵀ)(Σ w_k U_kU_kᵀ)X, zero at the mean.
         z = gram.z * gram.column_weights(w).sqrt().unsqueeze(-2)
         gnorm = torch.linalg.vector_norm(tangent_projection(x, z @ (z.transpose(-1, -2) @ x)), dim=(-2, -1))
-        unique = flag_mean(coords, w, p).unique
+        unique = eigengap(consensus, p)
         lower = hmin = torch.full_like(gnorm, math.nan)
         local = unique
     else:

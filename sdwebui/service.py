@@ -268,7 +268,7 @@ def merge(body: dict, progress=None, stop=None) -> tuple[dict, object]:
     dtype = _field(body, "dtype", str, host.option("grassmann_lora_dtype", "fp16"), tuple(DTYPES))
     kwargs = dict(naming=_field(body, "naming", str, "kohya", merge_module.NAMINGS),
                   distance=_field(body, "distance", str, "geodesic", DISTANCES),
-                  max_iter=_field(body, "max_iter", int, 50, low=1),
+                  max_iter=_field(body, "max_iter", int, None, low=1),
                   ties_density=_field(body, "ties_density", float, 0.2),
                   dare_drop=_field(body, "dare_drop", float, 0.5), seed=_field(body, "seed", int, 0))
     paths = [resolve(r) for r in refs]

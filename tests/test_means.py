@@ -31,6 +31,9 @@ def test_flag_mean_of_mixed_ranks_is_top_eigenspace_of_weighted_projector_sum():
         assert bool(res.unique)
     # consensus = the nonzero spectrum of Σ w_k U_kU_kᵀ with Σ w = 1
     assert np.allclose(res.consensus.numpy(), lam[::-1][:14], atol=1e-12)
+    # the largest angle to a source, from R-sized blocks, = the d-space principal angles
+    widest = max(max_angle(res.mean, b) for b in bases)
+    assert abs(float(res.max_angle) - widest) < 1e-7
 
 
 def test_flag_mean_batched_equals_one_at_a_time():

@@ -111,3 +111,29 @@ def test_rank_auto_keeps_the_directions_a_majority_shares(method):
     if method != "karcher":      # karcher averages each source's top-2 singular spaces instead
         u, v = merged_spaces(res, 2)
         assert max_angle(u, u_shared) < 1e-6 and max_angle(v, v_shared) < 1e-6
+
+
+def test_flag_median_has_its_own_step_limit_and_the_report_shows_convergence_per_group(monkeypatch):
+    from core.means import MEDIAN_MAX_ITER
+    import core.merge.means as merge_means
+    seen = {}
+    real = merge_means.flag_median
+
+    def spy(*args, **kw):
+        seen["max_iter"] = kw.get("max_iter")
+        return real(*args, **kw)
+    monkeypatch.setattr(merge_means, "flag_median", spy)
+    base = module(1)
+    srcs = [file(base, 1)] + [file(module(s, base=base, eps=0.2), s) for s in (2, 3)]
+    merge(srcs, [1, 1, 1], method="flag-median", rank=3)
+    assert seen["max_iter"] == MEDIAN_MAX_ITER != 50          # not the Karcher's limit
+    merge(srcs, [1, 1, 1], method="flag-median", rank=3, max_iter=7)
+    assert seen["max_iter"] == 7
+    res = merge(srcs, [1, 1, 1], method="karcher", rank=3)
+    head, rows = res.report.group_rows()
+    sides = res.report.modules[0].karcher.values()
+    row = dict(zip(head, rows[-1]))
+    assert row["conv"] == f"{int(all(s['converged'] for s in sides))}/1"
+    assert row["loc.min"] == f"{int(all(s['local_min'] for s in sides))}/1"
+    assert row["iters"] == f"{sum(s['iterations'] for s in sides) / 2:.1f}/{max(s['iterations'] for s in sides)}"
+    assert "consensus" in head and "loc.min" in res.report.table()

@@ -116,22 +116,16 @@ def _side(res: KarcherResult, b: int) -> dict:
             "local_min": bool(res.local_min[b])}
 
 
-def _max_angle_deg(mean: torch.Tensor, spaces: list[torch.Tensor]) -> float:
-    """Largest principal angle between the mean and any source (over min(p, p_k) angles)."""
-    cos = min(float(torch.linalg.svdvals(mean.T @ u).clamp(0, 1).min()) for u in spaces)
-    return math.degrees(math.acos(cos))
-
-
 def _chordal_means(job: Job, opts: Options, mean) -> Merged:
     """Both sides by a chordal rule on the sources' whole spaces: mean(spaces, w, p)
-    returns (basis, consensus eigenvalues, per-side figures)."""
+    returns (basis, consensus eigenvalues, largest angle to a source, per-side figures)."""
     cons = {side: _consensus(job, side) for side in ("U", "V")} if opts.rank == "auto" else None
     p = _rank(job, opts, cons)
     means, stats = {}, {}
     for side in ("U", "V"):
         spaces = _spaces(job, side)
-        means[side], lam, figures = mean(spaces, _weights(job, spaces[0]), p)
-        angle = _max_angle_deg(means[side], spaces)
+        means[side], lam, angle, figures = mean(spaces, _weights(job, spaces[0]), p)
+        angle = math.degrees(float(angle))
         stats[side] = {"grad_norm": 0.0, "unique": angle < 45.0, "max_angle_deg": angle, **figures,
                        **_consensus_stats(lam, p)}
     return _merged(job, means["U"], means["V"], stats)
@@ -140,13 +134,15 @@ def _chordal_means(job: Job, opts: Options, mean) -> Merged:
 def chordal(job: Job, opts: Options) -> Merged:
     def mean(spaces, w, p):
         res = flag_mean(spaces, w, p)
-        return res.mean, res.consensus, {"iterations": 0, "converged": True, "unique": bool(res.unique)}
+        return res.mean, res.consensus, res.max_angle, {"iterations": 0, "converged": True,
+                                                        "unique": bool(res.unique)}
     return _chordal_means(job, opts, mean)
 
 
 def flag_median_merge(job: Job, opts: Options) -> Merged:
     def mean(spaces, w, p):
         res = flag_median(spaces, w, p, max_iter=opts["max_iter"])
-        return res.mean, res.consensus, {"iterations": int(res.iterations), "converged": bool(res.converged),
-                          "objective": float(res.objective)}
+        return res.mean, res.consensus, res.max_angle, {"iterations": int(res.iterations),
+                                                        "converged": bool(res.converged),
+                                                        "objective": float(res.objective)}
     return _chordal_means(job, opts, mean)

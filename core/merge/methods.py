@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..errors import LoraError
 from ..karcher import DISTANCES
+from ..means import MEDIAN_MAX_ITER
 from .basis import Job, Merged
 from .core_space import dare_core, iso_c, iso_cts, ties_core, tsv
 from .exact import linear, svd
@@ -210,7 +211,8 @@ register(Method("chordal", chordal, "flag (chordal) mean of the sources' whole c
 register(Method("flag-median", flag_median_merge, "robust chordal median of the sources' column and row spaces "
                 "(IRLS): one outlier LoRA does not drag the result; then the weighted sum projected onto it",
                 "Mankovich et al. 2022, arXiv 2203.04437",
-                (Param("max_iter", 50, "most IRLS steps per module side", label="flag-median max_iter", low=1),),
+                (Param("max_iter", MEDIAN_MAX_ITER, "most IRLS steps per module side", label="flag-median max_iter",
+                       low=1),),
                 framed=True, rank_limit=lambda d_out, d_in, ranks: min(d_out, d_in, max(ranks)),
                 rank_reason="a mean of subspaces has no more directions than the largest source", rank_auto=True,
                 negative_weights="a median of subspaces has no meaning for negative weights; use the linear "

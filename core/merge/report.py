@@ -117,8 +117,9 @@ class MergeReport:
         if advised:
             head += ["φ/chance", "max∠", "advice"]
         karcher = any(m.karcher for m in self.modules)
+        hessian = any(m.karcher and all("local_min" in s for s in m.karcher.values()) for m in self.modules)
         if karcher:
-            head += ["iters", "grad max", "non-uniq", "consensus"]
+            head += ["iters", "grad max", "conv"] + (["loc.min"] if hessian else []) + ["non-uniq", "consensus"]
         rows = []
 
         def row(label: str, mods: list[ModuleReport]) -> list[str]:
@@ -147,6 +148,11 @@ class MergeReport:
                 cells.append(f"{sum(its) / len(its):.1f}/{max(its)}" if its else "-")
                 grads = [s["grad_norm"] for m in mods if m.karcher for s in m.karcher.values()]
                 cells.append(f"{max(grads):.0e}" if grads else "-")
+                meaned = [m for m in mods if m.karcher]
+                cells.append(f"{sum(all(s['converged'] for s in m.karcher.values()) for m in meaned)}/{len(meaned)}")
+                if hessian:
+                    cells.append(f"{sum(all(s.get('local_min', False) for s in m.karcher.values()) for m in meaned)}"
+                                 f"/{len(meaned)}")
                 cells.append(str(sum(1 for m in mods if m.karcher and
                                      not all(s["unique"] for s in m.karcher.values()))))
                 cons = _mean_consensus(mods)
@@ -176,9 +182,11 @@ class MergeReport:
             lines.append(f"  {m.description}" + (f" [{m.paper}]" if m.paper else ""))
         lines += [f"  {x} = {name}" for x, name in zip(labels, self.sources)]
         if any(m.karcher for m in self.modules):
-            lines.append("  iters = Karcher gradient evaluations per module side, mean/max (0: two sources, "
-                         "closed form); non-uniq = modules whose sources lie outside the π/4 ball where "
-                         "the mean is unique; grad max = largest gradient norm at the stop")
+            lines.append("  iters = steps per module side, mean/max (karcher: trust-region Newton steps, 0 for "
+                         "two sources, closed form; flag-median: IRLS steps); grad max = largest gradient norm "
+                         "at the stop; conv = modules converged on both sides; loc.min = modules whose mean is "
+                         "a local minimum (smallest Hessian eigenvalue > 0); non-uniq = modules whose sources "
+                         "lie outside the π/4 ball where the mean is unique; consensus = mean consensus rank")
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0 or i == len(rows) - 2:
@@ -227,5 +235,9 @@ def add_warnings(report: MergeReport) -> None:
         grad = max(s["grad_norm"] for m in slow for s in m.karcher.values())
         report.warnings.append(f"{report.method} iteration stopped before its tolerance in {len(slow)} "
                                f"module(s) (largest gradient norm {grad:.1e} rad)")
+    saddle = [m for m in report.modules if m.karcher and not all(s.get("local_min", True) for s in m.karcher.values())]
+    if saddle:
+        report.warnings.append(f"{report.method} mean is a critical point but not a local minimum (a negative "
+                               f"Hessian eigenvalue estimate) in {len(saddle)} module(s)")
     if "cancelled" in report.skipped:
         report.warnings.append(f"{len(report.skipped['cancelled'])} module(s) cancel to zero and were left out")

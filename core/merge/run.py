@@ -35,7 +35,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           dtype: torch.dtype = torch.float32, seed: int = 0, ties_density: float = 0.2,
           dare_drop: float = 0.5, naming: str = "first", distance: str = "geodesic",
           device: torch.device | str | None = None, batched: bool | None = None,
-          threads: int | None = 1, tol: float | None = None, max_iter: int = 50,
+          threads: int | None = 1, tol: float | None = None, max_iter: int | None = None,
           progress: Callable[[int, int], None] | None = None, space: str | None = None,
           keep: float | None = None, energy: float = 0.99,
           block_weights: list[str | None] | None = None, normalise: bool = False) -> MergeResult:
@@ -51,7 +51,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     device: default core.device.default_device(). batched: stack modules of
     equal shape for methods that offer it (default: on CUDA only; a plain loop
     measured faster on the CPU). threads: CPU intra-op threads during the merge
-    (restored after; None leaves torch's setting). tol, max_iter: Karcher stop.
+    (restored after; None leaves torch's setting). tol, max_iter: Karcher stop (max_iter: the
+    flag-median's IRLS limit there; None: each method's own default).
     rank: a number, None (per module the smallest source rank) or "auto" (per
     module the smallest rank holding `energy` of the merged energy; methods with
     a rank_auto policy). space: ties/dare on the core coordinates ("core",
