@@ -161,13 +161,25 @@ class SqDistanceHessian:
         return (self.e @ g.reshape(*lead, self.k * r, r) + eta @ self.flat).to(out)
 
     def lower_bound(self) -> torch.Tensor:
-        """Σ_k w_k λ_min(Hess ½d²(·, Y_k)) ≤ λ_min(H) (Weyl). α·cot α decreases on
-        [0, π), so each term's smallest eigenvalue is at its largest root."""
-        plus = self.plus.clone()
-        eye = torch.eye(plus.shape[-1], dtype=torch.bool, device=plus.device)
-        plus = plus.masked_fill(eye, 1.0)         # θ_i + θ_i is no root
-        least = torch.minimum(plus.amin((-2, -1)), self.phi.amin((-2, -1)))
-        return (self.w[..., 0, 0] * least.clamp_max(1.0)).sum(-1)
+        """hessian_lower_bound at this frame."""
+        return _weyl_bound(self.plus, self.phi, self.w[..., 0, 0])
+
+
+def _weyl_bound(plus: torch.Tensor, phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    plus = plus.clone()
+    eye = torch.eye(plus.shape[-1], dtype=torch.bool, device=plus.device)
+    plus = plus.masked_fill(eye, 1.0)         # θ_i + θ_i is no root
+    least = torch.minimum(plus.amin((-2, -1)), phi.amin((-2, -1)))
+    return (w * least.clamp_max(1.0)).sum(-1)
+
+
+def hessian_lower_bound(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k λ_min(Hess ½d²(·, Y_k)) ≤ λ_min(Hess Σ_k w_k ½d²(·, Y_k)) (Weyl), from the
+    principal angles θ (…, K, p) to each Y_k and weights w (…, K); nothing else of the
+    Hessian is built. α·cot α decreases on [0, π), so each term's smallest eigenvalue
+    is at its largest root."""
+    return _weyl_bound(alpha_cot_alpha(theta.unsqueeze(-1) + theta.unsqueeze(-2)),
+                       alpha_cot_alpha(theta).unsqueeze(-2), w)
 
 
 def grassmann_exp(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -308,3 +308,11 @@ def test_cuda_batched_mean_equals_the_cpu_loop():
     assert bool(gpu.converged.all())
     for b in range(5):
         assert max_angle(gpu.mean[b].cpu(), karcher_mean(bases[b], w).mean) < 1e-7
+
+
+def test_pairwise_spread_figures_match_scipy_angles_between_the_sources():
+    bases = torch.stack([near(orth(25, 3, seed=90), 0.6, 1, seed=91 + i)[0] for i in range(4)])
+    res = karcher_mean(bases, [1.0, 2.0, 1.0, 0.5])
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    assert abs(float(res.pairwise_max_angle) - max(max_angle(bases[i], bases[j]) for i, j in pairs)) < 1e-7
+    assert abs(float(res.pairwise_distance) - max(d_geo(bases[i], bases[j]) for i, j in pairs)) < 1e-7
