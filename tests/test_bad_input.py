@@ -1,10 +1,7 @@
 """Bad input: one-line LoraError naming the file and the key; the CLI exits 2
 without a traceback. All-zero modules are not errors."""
 import fractions
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,8 @@ from core.factored import module_svd
 from core.formats import load_lora
 from core.save import save_kohya
 from core.synthetic import random_lora
+from tests.cli_run import assert_line_per_file, assert_names, run_core
 
-ROOT = Path(__file__).resolve().parents[1]
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 FF2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"
 
@@ -93,20 +90,11 @@ def cases(tmp_path_factory):
     return make_cases(tmp_path_factory.mktemp("bad"))
 
 
-def _check_message(text, path, key, words):
-    assert "\n" not in text.strip()
-    assert str(path) in text and words in text
-    if key == "*":
-        assert "key '" in text
-    elif key:
-        assert f"key '{key}'" in text
-
-
 def test_each_bad_input_is_a_one_line_error_naming_file_and_key(cases):
     for label, (path, key, words) in cases.items():
         with pytest.raises(LoraError) as err:
             load_lora(str(path))
-        _check_message(str(err.value), path, key, words)
+        assert_names(str(err.value), path, key, words)
         assert err.value.path == str(path), label
         if key and key != "*":
             assert err.value.key == key, label
@@ -118,24 +106,14 @@ def test_cli_exits_2_with_one_line_and_no_traceback(cases, capsys):
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (label, err)
-        _check_message(lines[0], path, key, words)
+        assert_names(lines[0], path, key, words)
 
 
 def test_cli_in_a_subprocess(cases, tmp_path):
     """The real entry point: every bad file in one `inspect` run, then a `convert`."""
-    paths = [str(p) for p, _, _ in cases.values()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "core", "inspect", "--summary", *paths],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr + run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == len(paths) and all(line.startswith("error: ") for line in lines)
-    for line, (path, key, words) in zip(lines, cases.values()):
-        _check_message(line, path, key, words)
+    assert_line_per_file(run_core("inspect", "--summary", *[p for p, _, _ in cases.values()]), cases)
     nan_path, nan_key, _ = cases["nan"]
-    run = subprocess.run([sys.executable, "-m", "core", "convert", str(nan_path), str(tmp_path / "o.safetensors")],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    run = run_core("convert", nan_path, tmp_path / "o.safetensors")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1 and nan_key in run.stderr
     assert not (tmp_path / "o.safetensors").exists()

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from core.errors import LoraError
 from core.formats import adapters, load_lora
+from tests.cli_run import assert_line_per_file, assert_names, assert_one_line_error, call_core, core_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -95,31 +96,15 @@ def cases(tmp_path_factory):
     return make_cases(tmp_path_factory.mktemp("adversarial"))
 
 
-def _check(text, path, key, words):
-    assert "\n" not in text.strip() and str(path) in text and words in text, text
-    if key == "*":
-        assert "key '" in text
-    elif key:
-        assert f"key '{key}'" in text
-
-
 def test_each_is_one_line_naming_the_file(cases):
     for label, (path, key, words) in cases.items():
         with pytest.raises(LoraError) as err:
             load_lora(str(path))
-        _check(str(err.value), path, key, words)
+        assert_names(str(err.value), path, key, words)
 
 
 def test_cli_one_run_over_all_of_them_exits_2_fast(cases, tmp_path):
-    paths = [str(p) for p, _, _ in cases.values()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "core", "inspect", "--summary", *paths],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr + run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == len(paths)
-    for line, (path, key, words) in zip(lines, cases.values()):
-        _check(line, path, key, words)
+    assert_line_per_file(call_core("inspect", "--summary", *[p for p, _, _ in cases.values()]), cases)
 
 
 def test_lokr_is_read_from_its_factors_without_forming_the_dense_delta(tmp_path):
@@ -138,9 +123,7 @@ def test_lokr_is_read_from_its_factors_without_forming_the_dense_delta(tmp_path)
         want = float(w1[i // 100, j // 100] * w2[i % 100, j % 100]) * m.scale
         got = float(m.scale * (m.up[i] @ m.down[:, j]))
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "core", "inspect", str(path)], capture_output=True,
-                         text=True, cwd=ROOT, env=env, timeout=120)
+    run = call_core("inspect", path)
     assert run.returncode == 0, run.stderr
 
 
@@ -172,9 +155,9 @@ def test_garbage_header_in_a_2gb_sparse_file_fails_fast_with_little_memory(tmp_p
             "try:\n    load_lora(sys.argv[1])\nexcept LoraError as e:\n    print(e)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     base = subprocess.run([sys.executable, "-c", code.replace("load_lora(sys.argv[1])", "pass")], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, cwd=ROOT, timeout=120, env=core_env())
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         timeout=120, env=core_env())
     message, rss = run.stdout.strip().splitlines()
     assert str(path) in message and "at most" in message
     assert int(rss) - int(base.stdout.strip().splitlines()[-1]) < 64 * 1024      # KiB: < 64 MB above import
@@ -186,13 +169,9 @@ def test_write_failures_from_the_cli_are_one_line(tmp_path):
     from core.synthetic import random_lora
     save_kohya(random_lora("sd1", rank=2, seed=0, limit=3), str(src))
     (tmp_path / "dir.safetensors").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for out, words in ((tmp_path / "dir.safetensors", "is a folder"),
                        (tmp_path / ("n" * 300 + ".safetensors"), "too long")):
-        run = subprocess.run([sys.executable, "-m", "core", "convert", str(src), str(out)],
-                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-        lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(lines) == 1 and words in lines[0], run.stderr
+        assert_one_line_error(call_core("convert", src, out), words)
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "dir.safetensors"]
 
 
@@ -211,7 +190,7 @@ def test_load_node_names_the_file_for_every_case(cases):
         with pytest.raises(Exception) as err:
             lora_io.load_cached(str(path))
         assert type(err.value).__name__ == "LoraError", (label, type(err.value))
-        _check(str(err.value), path, key, words)
+        assert_names(str(err.value), path, key, words)
 
 
 # ------------------------------------------------------------------ merge parameters, checked up front
@@ -234,14 +213,10 @@ def rank1_pair(tmp_path_factory):
 ])
 def test_merge_parameters_refused_before_writing(rank1_pair, tmp_path, extra, words):
     out = tmp_path / "m.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "core", "merge", *rank1_pair, "-o", str(out), *extra],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
-    assert words in lines[0] and not out.exists()
+    line = assert_one_line_error(call_core("merge", *rank1_pair, "-o", out, *extra), words)
+    assert not out.exists()
     if words == "rank 1 here":   # names the file and the module
-        assert rank1_pair[0] in lines[0] and "key 'lora_unet_" in lines[0]
+        assert rank1_pair[0] in line and "key 'lora_unet_" in line
 
 
 def test_eigh_failure_is_one_line_naming_the_module(rank1_pair, monkeypatch):

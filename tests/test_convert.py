@@ -1,9 +1,5 @@
 """`convert`: any readable LoRA → kohya safetensors with the same ΔW, named the
 way ComfyUI's key maps expect (lora_unet_/lora_te*_ + .lora_down/.lora_up/.alpha)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +10,10 @@ from core.formats import load_lora
 from core.save import save_kohya
 from core.sdarch import arch_for
 from core.synthetic import random_lora
+from tests.cli_run import run_core
 from tests.lora_reference import one_thread  # noqa: F401 (autouse fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-
 
 
 def convert(src, dst, *extra):
@@ -114,10 +109,7 @@ def test_dtype_overwrite_and_same_file(tmp_path, capsys):
 
 def test_convert_subprocess(tmp_path, real_loras_dir):
     dst = tmp_path / "kiriko.safetensors"
-    run = subprocess.run([sys.executable, "-m", "core", "convert",
-                          str(real_loras_dir / "cloneofsimo__lora_kiriko2_sd15.text_encoder.pt"), str(dst)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = run_core("convert", real_loras_dir / "cloneofsimo__lora_kiriko2_sd15.text_encoder.pt", dst)
     assert run.returncode == 0, run.stderr
     assert "48 modules" in run.stdout and "SD1.x" in run.stdout
     back = load_lora(str(dst))

@@ -21,8 +21,8 @@ from core.errors import LoraError
 from core.formats import load_lora
 from core.save import atomic_write, clean_relative_name, numbered_name, save_kohya, write_text
 from core.synthetic import random_lora
+from tests.cli_run import ROOT, assert_one_line_error, call_core, core_env
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST_LISTED = (".safetensors", ".ckpt", ".pt", ".pt2", ".bin", ".pth", ".pkl", ".sft", ".json", ".png")
 
 
@@ -204,26 +204,12 @@ def test_non_finite_or_out_of_range_is_refused_with_the_reason(tmp_path):
 
 # ------------------------------------------------------------------ CLI: checked before any work
 
-def _run(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "core", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pair")
     a = random_lora("sd1", rank=2, seed=1, limit=4)
     return [save_kohya(a, str(folder / "A.safetensors")),
             save_kohya(random_lora("sd1", rank=2, seed=2, limit=4), str(folder / "B.safetensors"))]
-
-
-def _one_line_error(run, *words):
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def test_outputs_onto_inputs_or_each_other_are_refused_and_nothing_changes(pair, tmp_path, monkeypatch):
@@ -260,20 +246,20 @@ def test_merge_output_checked_before_any_work(pair, tmp_path, monkeypatch, capsy
 def test_similarity_grid_ambiguous_lists_candidates_before_writing(pair, tmp_path):
     a, b = pair
     out = tmp_path / "r.json"
-    run = _run("similarity", a, b, "--json", str(out), "--grid", "attn1")
-    _one_line_error(run, "ambiguous", "lora_unet_")
+    run = call_core("similarity", a, b, "--json", str(out), "--grid", "attn1")
+    assert_one_line_error(run, "ambiguous", "lora_unet_")
     assert not out.exists()
-    run = _run("similarity", a, b, "--json", str(out), "--grid", "no_such_module")
-    _one_line_error(run, "not shared", "no_such_module")
+    run = call_core("similarity", a, b, "--json", str(out), "--grid", "no_such_module")
+    assert_one_line_error(run, "not shared", "no_such_module")
     assert not out.exists()
     # a unique part of a name is enough
     name = next(iter(load_lora(a).modules))
-    run = _run("similarity", a, b, "--grid", name[-30:])
+    run = call_core("similarity", a, b, "--grid", name[-30:])
     assert run.returncode == 0 and name in run.stdout
 
 
 def test_summary_prints_the_ranking_score(pair):
-    run = _run("similarity", *pair)
+    run = call_core("similarity", *pair)
     assert run.returncode == 0 and "score = (φ − chance) / (1 − chance)" in run.stdout
     scores = [float(line.split("score")[1].split()[0]) for line in run.stdout.splitlines()
               if line.startswith("    ") and " score " in line]
@@ -301,9 +287,9 @@ def test_progress_only_on_a_terminal():
 def test_json_report_is_not_replaced_without_overwrite(pair, tmp_path):
     out = tmp_path / "r.json"
     out.write_text("mine")
-    _one_line_error(_run("similarity", *pair, "--json", str(out)), "exists", str(out))
+    assert_one_line_error(call_core("similarity", *pair, "--json", str(out)), "exists", str(out))
     assert out.read_text() == "mine"
-    assert _run("similarity", *pair, "--json", str(out), "--overwrite").returncode == 0
+    assert call_core("similarity", *pair, "--json", str(out), "--overwrite").returncode == 0
     assert json.loads(out.read_text())["summary"]["shared"] == 4
 
 
@@ -339,10 +325,9 @@ def test_a_real_full_or_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, 
     script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; '
               '"$3" -m core convert "$4" "$2/out.safetensors"; rc=$?; echo "left: $(ls -A "$2")"; exit $rc')
     run = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", options, str(mnt), sys.executable,
-                          big_source], capture_output=True, text=True, cwd=ROOT, timeout=180,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          big_source], capture_output=True, text=True, cwd=ROOT, timeout=180, env=core_env())
     assert run.returncode != 99, f"mount failed: {run.stderr}"
-    _one_line_error(run, str(mnt / "out.safetensors"), words)
+    assert_one_line_error(run, str(mnt / "out.safetensors"), words)
     assert run.stdout.strip() == "left:", run.stdout     # no temporary, no partial file
 
 
@@ -357,9 +342,8 @@ def test_a_real_read_only_folder_refuses_a_process_without_privileges(tmp_path, 
     try:
         run = subprocess.run(["unshare", "-U", "--map-user=1000", "--map-group=1000", sys.executable, "-m",
                               "core", "convert", big_source, str(folder / "out.safetensors")],
-                             capture_output=True, text=True, cwd=ROOT, timeout=180,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        _one_line_error(run, str(folder / "out.safetensors"), "permission denied")
+                             capture_output=True, text=True, cwd=ROOT, timeout=180, env=core_env())
+        assert_one_line_error(run, str(folder / "out.safetensors"), "permission denied")
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o755)
