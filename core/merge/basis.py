@@ -100,7 +100,7 @@ class Job:
         if self.frames is None:
             return up, down
         out, inn = self.frames
-        xs = stacked(self.members, up.device, self.workspace)
+        xs = stacked(self.members, up.device, self.workspace)    # the buffers' copy when they still hold it
         return out.lift(up, xs[0]), inn.lift(down.transpose(-1, -2), xs[1]).transpose(-1, -2)
 
     def module(self, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
@@ -128,6 +128,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.holds: dict[tuple, list] = {}     # per buffer: the modules it was last filled from
 
     def get(self, shape: tuple[int, int], dev: torch.device, slot: str) -> torch.Tensor:
         key = (slot, shape, str(dev))
@@ -142,6 +143,12 @@ def stacked(modules: list[LoraModule], dev: torch.device, work: Workspace) -> tu
     total = sum(m.factor_rank for m in modules)
     ups = work.get((modules[0].d_out, total), dev, "up")
     downs = work.get((total, modules[0].d_in), dev, "down")   # stacked along rows, used transposed
+    keys = [("up", tuple(ups.shape), str(dev)), ("down", tuple(downs.shape), str(dev))]
+    if all(len(work.holds.get(k, ())) == len(modules) and all(a is b for a, b in zip(work.holds[k], modules))
+           for k in keys):
+        return ups, downs.T          # both still filled from these very modules (the job's lift after its frames)
+    for k in keys:
+        work.holds[k] = list(modules)
     start = 0
     for m in modules:
         ups[:, start:start + m.factor_rank].copy_(m.up)
@@ -158,9 +165,23 @@ def framed_svds(modules: list[LoraModule], dev: torch.device, work: Workspace
     svds, start = [], 0
     for m in modules:
         cols = slice(start, start + m.factor_rank)
-        svds.append(svd_from_factors(frames[0].coords[:, cols], frames[1].coords[:, cols].T, m.scale))
+        # both frames' coordinates are upper triangular (Cholesky or QR factor): a source's
+        # columns are zero below row cols.stop, so its QRs run on those rows only
+        rows = slice(0, min(cols.stop, int(frames[0].coords.shape[0]))), \
+            slice(0, min(cols.stop, int(frames[1].coords.shape[0])))
+        res = svd_from_factors(frames[0].coords[rows[0], cols], frames[1].coords[rows[1], cols].T, m.scale)
+        svds.append(FactoredSVD(_pad_rows(res.U, frames[0].coords.shape[0]), res.S,
+                                _pad_rows(res.V, frames[1].coords.shape[0])))
         start = cols.stop
     return frames, svds
+
+
+def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[0] == n:
+        return x
+    out = x.new_zeros(n, x.shape[1])
+    out[:x.shape[0]] = x
+    return out
 
 
 def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev: torch.device,

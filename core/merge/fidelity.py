@@ -7,7 +7,6 @@ import math
 import torch
 
 from ..factored import FactoredSVD, svd_from_factors
-from ..measures import phi
 from .advisor import advise
 from .basis import Job, Merged
 from .report import ModuleReport
@@ -53,10 +52,11 @@ def fidelity(job: Job, res: Merged, group: str, status: str) -> ModuleReport | N
     merged = merged.top(merged.effective_rank)
     kept, phis, energy = {}, {}, {}
     for s in job.sources:
-        proj = ((merged.U.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ merged.V)
+        cross = merged.U.T @ s.svd.U           # φ's product too: ‖U_mᵀU_k‖² / min(p, r_k)
+        proj = (cross * s.svd.S) @ (s.svd.V.T @ merged.V)
         energy[s.index] = float((s.svd.S ** 2).sum())
         kept[s.index] = float((proj ** 2).sum()) / energy[s.index]
-        phis[s.index] = float(phi(merged.U, s.svd.U))
+        phis[s.index] = float((cross * cross).sum()) / min(cross.shape)
     rel = error / target if target > 0 else (0.0 if error == 0 else None)
     note = "rank lowered to what the sources allow" if job.capped else ""
     return ModuleReport(job.name, group, status, [s.index for s in job.sources], int(res.down.shape[0]),
