@@ -27,7 +27,7 @@ the same run ("every method" table; --methods to choose, --modules N to cap
 the sample for a quick run, --skip-dense to skip the dense baselines).
 
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full [svd] [karcher]] [--full-dense]
-                                [--device cuda] [--max-iter 50] [--skip-kohya] [--skip-means]
+                                [--device cuda] [--max-iter N] [--skip-kohya] [--skip-means]
                                 [--batch-modules 16] [--methods M ...] [--modules N] [--skip-dense]
 """
 from __future__ import annotations
@@ -179,7 +179,8 @@ def main() -> None:
                         help="run these of our merges on every module, one call each (no names: both)")
     parser.add_argument("--full-dense", action="store_true", help="dense baseline on every module (slow)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-iter", type=int, default=50)
+    parser.add_argument("--max-iter", type=int, default=None,
+                        help="karcher Newton / flag-median IRLS step limit (default: each method's own)")
     parser.add_argument("--skip-threads", action="store_true", help="skip the 1 vs 2 threads comparison")
     parser.add_argument("--skip-kohya", action="store_true", help="skip the full_matrices=True baseline (slow)")
     parser.add_argument("--skip-means", action="store_true", help="skip chordal and flag-median")

@@ -24,6 +24,7 @@ class GrassmannLoRAKarcherMerge:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..core.karcher import MAX_NEWTON_STEPS
         from ..core.merge import TABLE, describe
 
         return {
@@ -59,10 +60,10 @@ class GrassmannLoRAKarcherMerge:
                                       "tooltip": "dare only: seed of the random drops."}),
             },
             "optional": {
-                "karcher_max_iter": ("INT", {"default": 50, "min": 1, "max": 10000,
+                "karcher_max_iter": ("INT", {"default": MAX_NEWTON_STEPS, "min": 1, "max": 10000,
                                              "tooltip": "karcher only: most Newton (trust-region) steps per "
                                                         "module side. Related LoRAs converge in 2–5, unrelated "
-                                                        "ones in 20–40; a side stopped short is reported as not "
+                                                        "ones in 20–60; a side stopped short is reported as not "
                                                         "converged. flag-median has its own limit (300 IRLS "
                                                         "steps)."}),
                 "space": (["core", "full"], {"default": "core",
@@ -92,7 +93,7 @@ class GrassmannLoRAKarcherMerge:
         }
 
     def run(self, model, clip, method, rank, weights, dtype, strength_model, strength_clip,
-            ties_density, dare_drop, dare_seed, karcher_max_iter=50, space="core", tsv_keep=1.0,
+            ties_density, dare_drop, dare_seed, karcher_max_iter=None, space="core", tsv_keep=1.0,
             rank_auto=False, energy=0.99, block_weights="", normalise=False, **slots):
         from ..core.errors import LoraError
         from ..core.merge import merge

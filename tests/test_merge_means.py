@@ -114,6 +114,7 @@ def test_rank_auto_keeps_the_directions_a_majority_shares(method):
 
 
 def test_flag_median_has_its_own_step_limit_and_the_report_shows_convergence_per_group(monkeypatch):
+    from core.karcher import MAX_NEWTON_STEPS
     from core.means import MEDIAN_MAX_ITER
     import core.merge.means as merge_means
     seen = {}
@@ -126,7 +127,7 @@ def test_flag_median_has_its_own_step_limit_and_the_report_shows_convergence_per
     base = module(1)
     srcs = [file(base, 1)] + [file(module(s, base=base, eps=0.2), s) for s in (2, 3)]
     merge(srcs, [1, 1, 1], method="flag-median", rank=3)
-    assert seen["max_iter"] == MEDIAN_MAX_ITER != 50          # not the Karcher's limit
+    assert seen["max_iter"] == MEDIAN_MAX_ITER != MAX_NEWTON_STEPS     # not the Karcher's limit
     merge(srcs, [1, 1, 1], method="flag-median", rank=3, max_iter=7)
     assert seen["max_iter"] == 7
     res = merge(srcs, [1, 1, 1], method="karcher", rank=3)

@@ -463,7 +463,7 @@ def test_merge_node_karcher_max_iter_reaches_core():
     assert out["result"][3] == ref.report.table()
     assert ref.report.summary()["karcher"]["iterations_max"] == 3     # unrelated: stopped by the limit
     declared = node.INPUT_TYPES()["optional"]["karcher_max_iter"]
-    assert declared[0] == "INT" and declared[1]["default"] == 50
+    assert declared[0] == "INT" and declared[1]["default"] == pack("core.karcher").MAX_NEWTON_STEPS
 
 
 def test_merge_node_errors():

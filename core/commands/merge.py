@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distance", choices=DISTANCES, default="geodesic",
                         help="karcher only: geodesic (Karcher mean) or chordal (extrinsic mean)")
     parser.add_argument("--max-iter", type=int, default=None,
-                        help="karcher: most Newton steps a side (default 50); flag-median: most IRLS steps (default 300)")
+                        help="karcher: most Newton steps a side (default 200); flag-median: most IRLS steps (default 300)")
     parser.add_argument("--ties-density", type=float, default=0.2, help="ties: fraction of entries kept")
     parser.add_argument("--dare-drop", type=float, default=0.5, help="dare: drop probability")
     parser.add_argument("--seed", type=int, default=0, help="dare: random seed")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import LoraError
-from ..karcher import DISTANCES
+from ..karcher import DISTANCES, MAX_NEWTON_STEPS
 from ..means import MEDIAN_MAX_ITER
 from .basis import Job, Merged
 from .core_space import dare_core, iso_c, iso_cts, ties_core, tsv
@@ -160,7 +160,7 @@ register(Method(
     "of one LoRA",
     "Edelman–Arias–Smith 1998; Absil–Baker–Gallivan 2007",
     (Param("distance", "geodesic", "geodesic (Karcher mean) or chordal (extrinsic mean)", choices=DISTANCES),
-     Param("max_iter", 50, "most Newton steps per module side (flag-median: IRLS steps)",
+     Param("max_iter", MAX_NEWTON_STEPS, "most Newton steps per module side",
            label="karcher max_iter", low=1),
      Param("tol", None, "gradient-norm stop (default: core.karcher's)", label="karcher tol", low=0.0,
            low_open=True)),
