@@ -52,7 +52,7 @@ def invalidate(name: str, path: str) -> list[str]:
     so the next image uses the new weights. Both WebUIs key their caches by name or file
     name, not content: A1111 keeps the loaded network in ``networks_in_memory`` and skips
     re-patching a layer whose (name, multiplier) list is unchanged; Forge keeps the file's
-    tensors in an lru_cache, the applied list in ``current_lora_hash`` and the patched
+    tensors in an lru_cache (Forge Neo does not), the applied list in ``current_lora_hash`` and the patched
     state in each model's ``lora_loader``. Both cache the text-encoder conds by prompt.
     Returns what was cleared (for logs and tests)."""
     from modules import processing, shared
@@ -61,8 +61,10 @@ def invalidate(name: str, path: str) -> list[str]:
     cleared = []
     model = getattr(shared, "sd_model", None)
     if is_forge(net):
-        net.load_lora_state_dict.cache_clear()
-        cleared.append("load_lora_state_dict")
+        cache_clear = getattr(net.load_lora_state_dict, "cache_clear", None)   # Neo has no file cache
+        if cache_clear is not None:
+            cache_clear()
+            cleared.append("load_lora_state_dict")
         if model is not None and hasattr(model, "current_lora_hash"):
             model.current_lora_hash = str([])
             cleared.append("current_lora_hash")

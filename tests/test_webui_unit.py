@@ -88,7 +88,7 @@ class Layer(torch.nn.Module):
         self.network_current_names = (("old", 1.0, 1.0, None),)
 
 
-def fake_networks(lora_dir: Path, forge: bool) -> types.ModuleType:
+def fake_networks(lora_dir: Path, forge: bool, neo: bool = False) -> types.ModuleType:
     net = types.ModuleType("networks")
     net.available_networks, net.networks_in_memory, net.loaded_networks = {}, {}, []
 
@@ -98,11 +98,11 @@ def fake_networks(lora_dir: Path, forge: bool) -> types.ModuleType:
             if f.suffix in (".safetensors", ".pt", ".ckpt"):
                 net.available_networks[f.stem] = Entry(f.stem, str(f))
     net.list_available_networks = list_available_networks
-    if forge:
-        @functools.lru_cache(maxsize=5)
+    if forge:       # Forge caches the file's tensors; Forge Neo reads it each time (a partial)
         def load_lora_state_dict(filename):
             return filename
-        net.load_lora_state_dict = load_lora_state_dict
+        net.load_lora_state_dict = functools.partial(load_lora_state_dict) if neo else \
+            functools.lru_cache(maxsize=5)(load_lora_state_dict)
     return net
 
 
@@ -305,8 +305,9 @@ def test_overwrite_invalidates_a1111_caches(ext):
     assert fakes.processing.StableDiffusionProcessing.cached_uc == [None, None]
 
 
-def test_overwrite_invalidates_forge_caches(ext, monkeypatch):
-    net = fake_networks(ext.lora_dir, forge=True)
+@pytest.mark.parametrize("neo", [False, True], ids=["forge", "forge-neo"])
+def test_overwrite_invalidates_forge_caches(ext, monkeypatch, neo):
+    net = fake_networks(ext.lora_dir, forge=True, neo=neo)
     net.list_available_networks()
     monkeypatch.setitem(sys.modules, "networks", net)
     loader = types.SimpleNamespace(loaded_hash="['x']")
@@ -318,11 +319,14 @@ def test_overwrite_invalidates_forge_caches(ext, monkeypatch):
         forge_objects=types.SimpleNamespace(unet=unet, clip=clip),
         forge_objects_original=types.SimpleNamespace(unet=unet, clip=clip))
     net.load_lora_state_dict("x")
-    assert net.load_lora_state_dict.cache_info().currsize == 1
+    if not neo:
+        assert net.load_lora_state_dict.cache_info().currsize == 1
     ext.routes.handle("merge", {"loras": ["style_a", "style_b"], "name": "mine"})
     status, answer = ext.routes.handle("merge", {"loras": ["style_a", "other"], "name": "mine", "overwrite": True})
     assert status == 200, answer
-    assert net.load_lora_state_dict.cache_info().currsize == 0
+    assert ("load_lora_state_dict" in answer["caches_cleared"]) is not neo
+    if not neo:
+        assert net.load_lora_state_dict.cache_info().currsize == 0
     assert ext.fakes.shared.sd_model.current_lora_hash == "[]"
     assert loader.loaded_hash != "['x']" and clip_loader.loaded_hash != "['y']"
     assert answer["caches_cleared"].count("lora_loader") == 2
