@@ -1,9 +1,10 @@
-"""Start a real Stable Diffusion WebUI (A1111 1.10 or Forge) headless on loopback with
+"""Start a real Stable Diffusion WebUI (A1111 1.10, Forge or Forge Neo) headless on loopback with
 the pack copied in as an extension, and talk to it over HTTP. Stdlib only.
 
 A WebUI is a test peer laid out by the developer (never installed by the project):
-``WEBUI_PATH`` (default ``~/stable-diffusion-webui``) and ``WEBUI_FORGE_PATH``
-(default ``~/stable-diffusion-webui-forge``), each with its own ``venv``. How they
+``WEBUI_PATH`` (default ``~/stable-diffusion-webui``), ``WEBUI_FORGE_PATH``
+(default ``~/stable-diffusion-webui-forge``) and ``WEBUI_NEO_PATH`` (default
+``~/stable-diffusion-webui-forge-neo``), each with its own ``venv``. How they
 were made to run here (offline tokenizer, flags, timings): ../shared/docs/webui.md.
 Everything the run writes (config, outputs, the LoRA folder, the extension copy)
 goes into a fresh ``--data-dir``; the WebUI's own tree is only read.
@@ -28,13 +29,15 @@ from comfy_harness import free_port
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FILES = ("scripts/grassmann_lora_webui.py", "sdwebui", "core", "install.py", "requirements.txt",
               "README.md")
+# Flags of A1111 1.10 and lllyasviel's Forge; Forge Neo dropped these and has its own CPU switches.
+LEGACY_FLAGS = ["--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model"]
 KINDS = {
-    "a1111": ("WEBUI_PATH", "~/stable-diffusion-webui", []),
-    "forge": ("WEBUI_FORGE_PATH", "~/stable-diffusion-webui-forge", ["--always-cpu", "--all-in-fp32"]),
+    "a1111": ("WEBUI_PATH", "~/stable-diffusion-webui", LEGACY_FLAGS),
+    "forge": ("WEBUI_FORGE_PATH", "~/stable-diffusion-webui-forge", [*LEGACY_FLAGS, "--always-cpu", "--all-in-fp32"]),
+    "neo": ("WEBUI_NEO_PATH", "~/stable-diffusion-webui-forge-neo", ["--cpu", "--force-fp32"]),
 }
 FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-python-version-check",
-         "--skip-version-check", "--use-cpu", "all", "--no-half", "--precision", "full",
-         "--no-download-sd-model", "--no-hashing", "--server-name", "127.0.0.1", "--api"]
+         "--skip-version-check", "--no-hashing", "--server-name", "127.0.0.1", "--api"]
 CHECKPOINT = Path(os.environ.get("WEBUI_CKPT", Path.home() / ".cache" / "grassmann_lora" / "sd15_random.safetensors"))
 
 
@@ -93,11 +96,19 @@ class WebUI:
         for name, src in loras.items():
             shutil.copy(src, self.lora_dir / f"{name}{src.suffix}")
 
+    def _checkpoint_flags(self) -> list[str]:
+        if self.kind != "neo":
+            return ["--ckpt", str(CHECKPOINT)]
+        folder = self.data / "checkpoints"     # Neo has no --ckpt: the only model in its folder is used
+        folder.mkdir(exist_ok=True)
+        (folder / CHECKPOINT.name).symlink_to(CHECKPOINT)
+        return ["--ckpt-dirs", str(folder)]
+
     def start(self) -> "WebUI":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)
         cmd = [str(self.root / "venv" / "bin" / "python"), "launch.py", *FLAGS, *KINDS[self.kind][2],
-               "--ckpt", str(CHECKPOINT), "--data-dir", str(self.data), "--lora-dir", str(self.lora_dir),
+               *self._checkpoint_flags(), "--data-dir", str(self.data), "--lora-dir", str(self.lora_dir),
                "--port", str(self.port)]
         self._log = open(self.log_path, "ab")
         t0 = time.monotonic()

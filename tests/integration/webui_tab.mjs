@@ -19,7 +19,7 @@ const context = await chromium.launchPersistentContext(userDir, {
 });
 const page = context.pages()[0] || (await context.newPage());
 const errors = [];
-page.on("pageerror", (e) => errors.push(String(e)));
+page.on("pageerror", (e) => errors.push(`${e}\n${e.stack || ""}`));
 let code = 0;
 try {
   await page.goto(url, { waitUntil: "domcontentloaded", timeout: 180000 });
@@ -36,6 +36,7 @@ try {
   await page.waitForTimeout(500);
   await page.screenshot({ path: shot, fullPage: false });
   console.log(`screenshot ${shot}; page errors: ${errors.length}`);
+  for (const e of errors) console.log(`page error: ${e.slice(0, 500)}`);
 } catch (e) {
   console.log(`FAIL: ${e}`);
   await page.screenshot({ path: shot }).catch(() => {});
