@@ -174,7 +174,8 @@ def test_tab_renders_in_headless_chromium(webui, tmp_path):
     out = Path(os.environ.get("GRASSMANN_SCREENSHOT_DIR", tmp_path))
     shot = out / f"webui_tab_{webui.kind}.png"
     script = Path(__file__).with_name("webui_tab.mjs")
-    run = subprocess.run([node, str(script), webui.url, str(shot)], capture_output=True, text=True, timeout=240,
+    run = subprocess.run([node, str(script), webui.url, str(shot), "cat", "analog"], capture_output=True, text=True,
+                         timeout=480,
                          env=dict(os.environ, PLAYWRIGHT_CORE_DIR=str(PLAYWRIGHT), CHROMIUM=CHROMIUM))
     print(run.stdout[-3000:], run.stderr[-3000:])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

@@ -1,14 +1,16 @@
 // Headless-Chromium check of the "Grassmann LoRA" tab in a running WebUI (gradio 3.41 or 4.x).
-//   node webui_tab.mjs <webui url> <screenshot.png>
+//   node webui_tab.mjs <webui url> <screenshot.png> [LoRA name…]
 // Opens the UI, selects the tab (gradio 4 renders top tabs as role="tab", gradio 3 as
-// buttons), waits for the Merge button, shows the Merge sub-tab, screenshots the page.
+// buttons), waits for the Merge button, shows the Merge sub-tab and, given LoRA names, merges
+// them from the UI (for a screenshot with a result; a failure there is only logged),
+// then screenshots the page.
 import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
 
 const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
 const { chromium } = require("playwright-core");
-const [url, shot] = process.argv.slice(2);
+const [url, shot, ...loras] = process.argv.slice(2);
 fs.mkdirSync(path.dirname(shot), { recursive: true });
 const userDir = fs.mkdtempSync(path.join(path.dirname(shot), "chromium-profile-"));
 const context = await chromium.launchPersistentContext(userDir, {
@@ -32,6 +34,22 @@ try {
   const text = await page.locator("#tab_grassmann_lora").innerText();
   for (const want of ["Similarity", "Kernel matrix", "Merge", "Convert", "Compare", "Merge and save"]) {
     if (!text.includes(want)) { console.log(`missing text: ${want}`); code = 1; }
+  }
+  if (loras.length) {
+    try {
+      const input = page.locator("#grassmann_lora_merge_loras input").first();
+      for (const name of loras) {
+        await input.click();
+        await input.fill(name);
+        await page.keyboard.press("Enter");
+      }
+      await page.locator("#grassmann_lora_merge_run").click();
+      await page.waitForFunction(() => [...document.querySelectorAll("#tab_grassmann_lora textarea")]
+        .some((t) => t.value.startsWith("<lora:")), null, { timeout: 240000 });
+      console.log("merged from the UI");
+    } catch (e) {
+      console.log(`merge from the UI failed (screenshot without a result): ${e}`);
+    }
   }
   await page.waitForTimeout(500);
   await page.screenshot({ path: shot, fullPage: false });
