@@ -42,7 +42,9 @@ class Merged:
     known: the merge's SVD when the method built it; error: ‖ΔW_merge − target‖_F
     when the method knows it exactly (both spare the report a factorisation);
     truncation: ‖result − its rank-p truncation‖ / ‖result‖ for rules truncated
-    after the fact (core.merge.truncate)."""
+    after the fact (core.merge.truncate); spans: orthonormal bases of the merge's
+    column and row spaces when the method knows them without its SVD (all the
+    report needs); module_space: up/down are already in the module's space (no lift)."""
 
     up: torch.Tensor
     down: torch.Tensor
@@ -51,6 +53,8 @@ class Merged:
     known: FactoredSVD | None = None
     error: float | None = None
     truncation: float | None = None
+    spans: tuple[torch.Tensor, torch.Tensor] | None = None
+    module_space: bool = False
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..factored import RANK_RTOL, FactoredSVD, leading_svd
+from ..factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, leading_svd
 from .basis import Job, Merged, split
 from .plan import Options
 from .truncate import finish
@@ -40,12 +40,30 @@ def normalised(job: Job) -> FactoredSVD:
 
 
 def linear(job: Job, opts: Options) -> Merged:
+    """The concatenated factors as they are (the file is exactly Σ w_k ΔW_k). In
+    frames the report comes from the frames' coordinates: the merge's core
+    there, its error against the target core, and its spaces — the whole frame
+    (identity bases) when the sum keeps every direction, which svdvals tells
+    without an SVD; else (cancelling sources) the core's SVD."""
     if opts.params.get("normalise"):
         return finish(job, normalised(job), opts)
     dev = opts.device
     up = torch.cat([s.weight * s.module.scale * s.module.up.to(dev, torch.float64) for s in job.sources], 1)
     down = torch.cat([s.module.down.to(dev, torch.float64) for s in job.sources], 0)
-    return Merged(up, down)
+    if job.frames is None:
+        return Merged(up, down)
+    out, inn = (f.coords for f in job.frames)
+    cols = torch.cat([torch.full((s.module.factor_rank,), s.weight * s.module.scale, dtype=out.dtype,
+                                 device=out.device) for s in job.sources])
+    core = (out * cols) @ inn.T
+    error = float(torch.linalg.matrix_norm(core - job.target_core))
+    sv = torch.linalg.svdvals(core)
+    live = int((sv > RANK_RTOL * sv[0]).sum()) if float(sv[0]) > DEAD_ATOL else 0
+    if live == core.shape[0] == core.shape[1]:
+        eye = torch.eye(live, dtype=core.dtype, device=core.device)
+        return Merged(up, down, error=error, spans=(eye, eye), module_space=True)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return Merged(up, down, known=FactoredSVD(u, s, vh.T), error=error, module_space=True)
 
 
 def svd(job: Job, opts: Options) -> Merged:

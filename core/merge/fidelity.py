@@ -41,19 +41,23 @@ def _error_norm(target: FactoredSVD, up: torch.Tensor, down: torch.Tensor) -> fl
 
 def fidelity(job: Job, res: Merged, group: str, status: str) -> ModuleReport | None:
     """The module's report, or None when the merge cancels to zero there. Uses the
-    method's known SVD and exact error when it gave them (no second factorisation)."""
+    method's known spaces or SVD and exact error when it gave them (no second factorisation)."""
     target = job.target_norm
     error = res.error
     if error is None:
         error = _error_norm(job.target, res.scale * res.up, res.down)
-    merged = res.known if res.known is not None else svd_from_factors(res.up, res.down, res.scale)
-    if merged.dead:
-        return None
-    merged = merged.top(merged.effective_rank)
+    if res.spans is not None:
+        u, v = res.spans
+    else:
+        merged = res.known if res.known is not None else svd_from_factors(res.up, res.down, res.scale)
+        if merged.dead:
+            return None
+        merged = merged.top(merged.effective_rank)
+        u, v = merged.U, merged.V
     kept, phis, energy = {}, {}, {}
     for s in job.sources:
-        cross = merged.U.T @ s.svd.U           # φ's product too: ‖U_mᵀU_k‖² / min(p, r_k)
-        proj = (cross * s.svd.S) @ (s.svd.V.T @ merged.V)
+        cross = u.T @ s.svd.U                  # φ's product too: ‖U_mᵀU_k‖² / min(p, r_k)
+        proj = (cross * s.svd.S) @ (s.svd.V.T @ v)
         energy[s.index] = float((s.svd.S ** 2).sum())
         kept[s.index] = float((proj ** 2).sum()) / energy[s.index]
         phis[s.index] = float((cross * cross).sum()) / min(cross.shape)

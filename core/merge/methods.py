@@ -137,10 +137,6 @@ def _by_space(core: Callable, full: Callable) -> Callable:
     return lambda job, opts: full(job, opts) if opts["space"] == "full" else core(job, opts)
 
 
-def _normalising(params: dict) -> bool:
-    return bool(params.get("normalise"))
-
-
 def _in_core(params: dict) -> bool:
     return params.get("space", "core") == "core"
 
@@ -170,9 +166,9 @@ register(Method(
                      "svd merge to subtract a LoRA",
     rank_auto=True, batch=karcher_batch))
 register(Method("linear", linear, "exact weighted sum Σ w_k ΔW_k by concatenated factors (rank adds up); "
-                "for unrelated LoRAs", params=(NORMALISE,), ranked=False, framed=_normalising))
+                "for unrelated LoRAs", params=(NORMALISE,), ranked=False, framed=True))
 register(Method("concat", linear, "the linear merge under its other name: factors side by side, exact",
-                params=(NORMALISE,), ranked=False, framed=_normalising))
+                params=(NORMALISE,), ranked=False, framed=True))
 register(Method("svd", svd, "best rank-p approximation of the exact weighted sum (truncated SVD from factors)",
                 params=(NORMALISE,), framed=True,
                 rank_limit=lambda d_out, d_in, ranks: min(sum(ranks), d_out, d_in), rank_auto=energy_rank))

@@ -106,7 +106,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
                           "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
                 mod = fidelity(job, res, groups.get(job.name, module_part(job.name)), status)
                 done[job.name] = None if mod is None else (
-                    mod, job.module(*job.lift(res.up, res.down), dtype, res.scale,
+                    mod, job.module(*((res.up, res.down) if res.module_space else job.lift(res.up, res.down)),
+                                    dtype, res.scale,
                                     job.sources[0].module.rank if status == "copied" else None), job.capped)
             if progress is not None:
                 progress(len(done) + len(dead), len(specs))
