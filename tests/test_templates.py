@@ -1,8 +1,8 @@
 """The example workflows as a user gets them from ComfyUI's template browser
 (no ComfyUI needed): every template has its API twin, a Note saying what to pick
 and how to run it on a CPU, no file choice a user would not have (the front end
-outlines those in red), and where a thumbnail of the same name exists (what
-ComfyUI 0.33's browser shows), a small JPEG."""
+outlines those in red), and a thumbnail of the same name (what ComfyUI 0.33's
+browser shows), a small JPEG."""
 import json
 from pathlib import Path
 
@@ -40,7 +40,19 @@ def test_template_is_complete_and_picks_no_file(path):
             continue
         for key, value in node["inputs"].items():
             assert not (isinstance(value, str) and value.lower().endswith(MODEL_FILE)), (node_id, key, value)
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_template_has_its_thumbnail(path):
+    """``<name>.jpg`` beside the template: what the front end fetches for a
+    custom node's template (``/api/workflow_templates/<pack>/<name>.jpg``),
+    made by browser_check.py --shots from a real run."""
+    from PIL import Image
+
     thumb = path.with_suffix(".jpg")
-    if thumb.is_file():     # made by browser_check.py --shots from a real run
-        data = thumb.read_bytes()
-        assert data[:3] == b"\xff\xd8\xff" and len(data) < 300_000
+    assert thumb.is_file(), f"no thumbnail {thumb.name}: run tests/integration/browser_check.py --shots"
+    assert thumb.stat().st_size < 100_000, "keep thumbnails small"
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.width == im.height >= 256, (im.format, im.size)
+        colours = im.convert("L").getextrema()
+    assert colours[1] - colours[0] > 64, "a blank thumbnail"

@@ -56,8 +56,9 @@ CACHE = Path.home() / ".cache" / "grassmann_lora"
 
 
 SCREENSHOTS = eg.REPO / "docs" / "screenshots"
-THUMB_SIZE = 512
-MAX_BYTES = 300_000
+THUMB_SIZE = 384         # the template browser's cards are smaller
+SHOT_WIDTH = 1000
+MAX_BYTES = 100_000
 
 
 def runnable_ui(name: str, out: Path) -> Path:
@@ -73,7 +74,7 @@ def runnable_ui(name: str, out: Path) -> Path:
 
 
 def finish_pictures(out: Path) -> list[str]:
-    """Thumbnails to THUMB_SIZE² JPEG, screenshots to palette PNGs, each under MAX_BYTES."""
+    """Thumbnails to THUMB_SIZE² JPEG, screenshots to SHOT_WIDTH-wide JPEG, each under MAX_BYTES."""
     from PIL import Image
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -81,11 +82,11 @@ def finish_pictures(out: Path) -> list[str]:
     for k, name in enumerate(eg.WORKFLOWS, 1):
         thumb = eg.WORKFLOWS_DIR / f"{name}.jpg"
         Image.open(thumb).convert("RGB").resize((THUMB_SIZE, THUMB_SIZE), Image.LANCZOS) \
-            .save(thumb, "JPEG", quality=85, optimize=True)
-        shot = SCREENSHOTS / f"template_{k}.png"
+            .save(thumb, "JPEG", quality=80, optimize=True)
+        shot = SCREENSHOTS / f"template_{k}.jpg"
         img = Image.open(out / f"{name}.result.png").convert("RGB")
-        img = img.resize((1200, round(img.height * 1200 / img.width)), Image.LANCZOS)
-        img.quantize(256, method=Image.Quantize.MEDIANCUT).save(shot, optimize=True)
+        img = img.resize((SHOT_WIDTH, round(img.height * SHOT_WIDTH / img.width)), Image.LANCZOS)
+        img.save(shot, "JPEG", quality=72, optimize=True)
         for path in (thumb, shot):
             size = path.stat().st_size
             assert size < MAX_BYTES, f"{path}: {size} bytes"

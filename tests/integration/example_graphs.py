@@ -295,8 +295,9 @@ RUN_FILES = {
     TWO_LORA: {"1": LORA_A, "2": LORA_B},
     MERGE_FIDELITY: {"1": CHECKPOINT, "2": LORA_A, "3": LORA_B},
 }
-# The node (and output) whose result each template's thumbnail shows.
-RESULT_NODES = {SIDE_BY_SIDE: "80", LIBRARY_MAP: "20", TWO_LORA: "3", MERGE_FIDELITY: "90"}
+# The node whose result each template's thumbnail shows (workflow 1: the saved
+# grid, whose preview shows the five images; Compare Grid itself shows the table).
+RESULT_NODES = {SIDE_BY_SIDE: "81", LIBRARY_MAP: "20", TWO_LORA: "3", MERGE_FIDELITY: "90"}
 
 
 def api_path(name: str) -> Path:
