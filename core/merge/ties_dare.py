@@ -40,6 +40,10 @@ def dare_full(job: Job, opts: Options) -> Merged:
 
 def ties_threshold(tau: torch.Tensor, density: float) -> float:
     """Magnitude of τ's k-th largest entry, k = density·n rounded (at least one)."""
+    if tau.numel() <= 16 * THRESHOLD_SAMPLE:     # a core-sized matrix: one selection, no chunk copies
+        a = tau.abs().reshape(-1)
+        keep = max(1, min(a.numel(), int(math.floor(density * a.numel() + 0.5))))
+        return float(a.kthvalue(a.numel() - keep + 1).values)
     flat = tau.reshape(tau.shape[0] if tau.dim() > 1 else 1, -1)
     return _kth_largest_abs(lambda rows: flat[rows], lambda idx: flat.reshape(-1)[idx], tuple(flat.shape),
                             density)
@@ -81,13 +85,13 @@ def _kth_largest_abs(rows_of, entries_at, shape: tuple[int, int], density: float
 
 def ties_combine(taus: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
     """Trim (|τ_k| ≥ its threshold), elect sign(Σ_k trimmed τ_k), disjoint mean."""
-    trimmed = [t * (t.abs() >= th) for t, th in zip(taus, thresholds)]
+    trimmed = [torch.where(t.abs() >= th, t, 0.0) for t, th in zip(taus, thresholds)]
     elected = torch.sign(sum(trimmed))
     total, count = torch.zeros_like(taus[0]), torch.zeros_like(taus[0])
     for t in trimmed:
         # where the elected sign is 0 the "agreeing" entries are zeros: they add 0 to a 0 total
         agree = torch.sign(t) == elected
-        total += t * agree
+        total += torch.where(agree, t, 0.0)
         count += agree
     return total / count.clamp_min(1)
 
