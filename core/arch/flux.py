@@ -14,9 +14,9 @@ Chroma has T5 alone, which ComfyUI maps as ``lora_te1_``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from ..sdarch import Arch, _text_encoder
+from .common import block, canonical, fused, linear, swapped, table
 from .text import t5_encoder
 
 VARIANTS = ("dev", "schnell", "chroma")
@@ -42,19 +42,12 @@ class FluxConfig:
     approximator: tuple[int, int, int] | None = None  # Chroma (in_dim, hidden_dim, layers)
 
 
-def _group(kind: str, i: int) -> str:
-    return f"{kind}.{i:02d}"
-
-
 def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> None:
     """The diffusion-model modules of a Flux-style MM-DiT, in depth order."""
     h = c.hidden
 
     def add(ldm: str, shape, group, *diffusers: str):
-        arch.add("lora_unet_" + ldm.replace(".", "_"), shape, group, ldm, *diffusers)
-
-    def add_split(ldm: str, shape, group, parts, *diffusers: str):
-        arch.add_split("lora_unet_" + ldm.replace(".", "_"), shape, group, parts, ldm, *diffusers)
+        linear(arch, ldm, shape, group, *diffusers)
 
     add("img_in", (h, c.in_channels), "input", "x_embedder")
     add("txt_in", (h, c.context), "input", "context_embedder")
@@ -82,14 +75,13 @@ def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> 
         add("single_stream_modulation.lin", (3 * h, h), "modulation", "single_stream_modulation.linear")
 
     for i in range(c.depth):
-        ldm, dif, g = f"double_blocks.{i}", f"transformer_blocks.{i}", _group("double_blocks", i)
+        ldm, dif, g = f"double_blocks.{i}", f"transformer_blocks.{i}", block("double_blocks", i)
         for side, ctx in (("img", ""), ("txt", "_context")):
             if c.block_modulation:
                 add(f"{ldm}.{side}_mod.lin", (6 * h, h), g, f"{dif}.norm1{ctx}.linear")
             q, k, v = (("to_q", "to_k", "to_v") if side == "img" else
                        ("add_q_proj", "add_k_proj", "add_v_proj"))
-            add_split(f"{ldm}.{side}_attn.qkv", (3 * h, h), g,
-                      [(f"{dif}.attn.{n}", j * h, (j + 1) * h) for j, n in enumerate((q, k, v))])
+            fused(arch, f"{ldm}.{side}_attn.qkv", (3 * h, h), g, *(f"{dif}.attn.{n}" for n in (q, k, v)))
             add(f"{ldm}.{side}_attn.proj", (h, h), g,
                 f"{dif}.attn.to_out.0" if side == "img" else f"{dif}.attn.to_add_out")
             ff = "ff" if side == "img" else "ff_context"
@@ -97,20 +89,19 @@ def add_flux(arch: Arch, c: FluxConfig, time_embed: str = "time_text_embed") -> 
             add(f"{ldm}.{side}_mlp.2", (h, c.mlp_hidden), g, f"{dif}.{ff}.net.2", f"{dif}.{ff}.linear_out")
 
     for i in range(c.depth_single):
-        ldm, dif, g = f"single_blocks.{i}", f"single_transformer_blocks.{i}", _group("single_blocks", i)
+        ldm, dif, g = f"single_blocks.{i}", f"single_transformer_blocks.{i}", block("single_blocks", i)
         parts = [(f"{ldm}.linear1_qkv", 0, 3 * h)]  # ComfyUI's own partial key
         if c.single_split:  # Flux.2's diffusers model keeps linear1 whole (to_qkv_mlp_proj)
             parts += [(f"{dif}.attn.{n}", j * h, (j + 1) * h) for j, n in enumerate(("to_q", "to_k", "to_v"))]
             parts.append((f"{dif}.proj_mlp", 3 * h, 3 * h + c.mlp_in))
-        add_split(f"{ldm}.linear1", (3 * h + c.mlp_in, h), g, parts, f"{dif}.attn.to_qkv_mlp_proj")
+        arch.add_split(canonical(f"{ldm}.linear1"), (3 * h + c.mlp_in, h), g, parts, f"{ldm}.linear1",
+                       f"{dif}.attn.to_qkv_mlp_proj")
         add(f"{ldm}.linear2", (h, h + c.mlp_hidden), g, f"{dif}.proj_out", f"{dif}.attn.to_out")
         if c.block_modulation:
             add(f"{ldm}.modulation.lin", (3 * h, h), g, f"{dif}.norm.linear")
 
     if c.final_adaln:
-        # diffusers norm_out.linear holds (scale, shift), the LDM layer (shift, scale)
-        add_split("final_layer.adaLN_modulation.1", (2 * h, h), "final",
-                  [("norm_out.linear", 0, h, h), ("norm_out.linear", h, 2 * h, 0)])
+        swapped(arch, "final_layer.adaLN_modulation.1", (2 * h, h), "final", "norm_out.linear")
     add("final_layer.linear", (c.out_channels, h), "final", "proj_out")
 
 
@@ -122,18 +113,11 @@ CONFIGS = {
 }
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        from . import union
-        return union("flux", build)
-    if variant not in CONFIGS:
-        raise KeyError(f"Flux has no variant '{variant}' (known: {', '.join(VARIANTS)})")
-    arch = Arch("flux", variant=variant)
+@table("flux", VARIANTS)
+def build(arch: Arch, variant: str):
     add_flux(arch, CONFIGS[variant])
     if variant == "chroma":  # T5 alone: ComfyUI maps it as the first text encoder
         t5_encoder(arch, "lora_te1_", "te1")
     else:
         _text_encoder(arch, "lora_te1_", 12, 768, 3072, "te1", "clip_l")
         t5_encoder(arch, "lora_te3_", "te3")
-    return arch

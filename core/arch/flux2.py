@@ -10,9 +10,8 @@ blocks' qkv as Flux.1 does. Text-encoder LoRAs (Qwen3) are not tabled yet.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from ..sdarch import Arch
+from .common import table
 from .flux import FluxConfig, add_flux
 
 VARIANTS = ("klein-4b", "klein-9b")
@@ -31,13 +30,6 @@ CONFIGS = {
 }
 
 
-@lru_cache(maxsize=None)
-def build(variant: str | None = None) -> Arch:
-    if variant is None:
-        from . import union
-        return union("flux2", build)
-    if variant not in CONFIGS:
-        raise KeyError(f"Flux.2 has no variant '{variant}' (known: {', '.join(VARIANTS)})")
-    arch = Arch("flux2", variant=variant)
+@table("flux2", VARIANTS)
+def build(arch: Arch, variant: str):
     add_flux(arch, CONFIGS[variant], time_embed="time_guidance_embed")
-    return arch
