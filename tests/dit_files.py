@@ -32,6 +32,8 @@ TE_SPELLINGS = {
     "z_image": {"te": ("text_encoder", "qwen3_4b", "te")},
     "wan": {"te": ("text_encoder", "umt5xxl", "te")},
     "flux/chroma": {"te1": ("text_encoder", "t5xxl", "te1")},
+    "flux2/klein-4b": {"te": ("text_encoder", "qwen3_4b", "te")},
+    "flux2/klein-9b": {"te": ("text_encoder", "qwen3_8b", "te")},
 }
 
 

@@ -134,3 +134,17 @@ def test_lazy_sources_merge_like_loaded_ones(tmp_path):
     for name in names:
         torch.testing.assert_close(_dense(merged.lora.modules[name]), _dense(eager.lora.modules[name]),
                                    rtol=1e-6, atol=1e-12)
+
+
+def test_klein_text_encoders_are_qwen3():
+    """Klein 4B/9B carry Qwen3-4B/8B (36 layers, GQA 32 query / 8 key-value heads of
+    128), spelled as ComfyUI holds them (qwen3_4b / qwen3_8b.transformer.model.…)."""
+    for variant, comfy, width, inter in (("klein-4b", "qwen3_4b", 2560, 9728), ("klein-9b", "qwen3_8b", 4096, 12288)):
+        table = arch_for("flux2", variant)
+        te = [n for n in table.shapes if not n.startswith("lora_unet_")]
+        assert len(te) == 36 * 7 and all(n.startswith("lora_te_layers_") for n in te)
+        assert table.shapes["lora_te_layers_35_self_attn_q_proj"] == (32 * 128, width)
+        assert table.shapes["lora_te_layers_0_self_attn_k_proj"] == (8 * 128, width)
+        assert table.shapes["lora_te_layers_0_mlp_down_proj"] == (width, inter)
+        assert table.canonical(f"{comfy}.transformer.model.layers.7.mlp.gate_proj") == "lora_te_layers_7_mlp_gate_proj"
+

@@ -38,6 +38,18 @@ def llama_encoder(arch, prefix: str, label: str, comfy_name: str, layers: int, w
                      f"{comfy_name}.transformer.model.{path}")
 
 
+# Qwen3 size -> (width, MLP width); both 36 layers, 32 query / 8 key-value heads of 128
+QWEN3 = {"4b": (2560, 9728), "8b": (4096, 12288)}
+
+
+def qwen3_encoder(arch, size: str):
+    """Qwen3-4B (Z-Image, Klein 4B) or Qwen3-8B (Klein 9B), the model's only
+    text encoder: kohya ``lora_te_``, ComfyUI ``qwen3_<size>``."""
+    width, inter = QWEN3[size]
+    llama_encoder(arch, "lora_te_", "te", f"qwen3_{size}", layers=36, width=width, inter=inter, heads=32,
+                  kv_heads=8)
+
+
 def clip_l_g_t5(arch):
     """SD3's (and HiDream's) CLIP-L ``lora_te1_``, CLIP-G ``lora_te2_`` and T5-XXL
     ``lora_te3_``, as sd-scripts writes them and ComfyUI maps them."""

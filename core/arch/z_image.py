@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..sdarch import Arch
 from .common import block, fused, linear, table
-from .text import llama_encoder
+from .text import qwen3_encoder
 
 FAMILY = "z_image"
 VARIANTS = ("base",)
@@ -54,6 +54,5 @@ def build(arch: Arch, variant: str):
     linear(arch, "final_layer.adaLN_modulation.1", (h, T_EMB), "final",
            "all_final_layer.2-1.adaLN_modulation.1")
     linear(arch, "final_layer.linear", (PATCH_IN, h), "final", "all_final_layer.2-1.linear")
-    llama_encoder(arch, "lora_te_", "te", "qwen3_4b", layers=36, width=2560, inter=9728, heads=32,
-                  kv_heads=8)
+    qwen3_encoder(arch, "4b")
 

@@ -55,6 +55,9 @@ def _clip(name):
         if name == "qwen_image":
             from comfy.text_encoders.qwen_image import te
             return te()(device=meta)
+        if name in ("qwen3_4b", "qwen3_8b"):  # Flux.2 Klein
+            from comfy.text_encoders.flux import klein_te
+            return klein_te(model_type=name)(device=meta)
         if name == "z_image":
             from comfy.text_encoders.z_image import te
             return te()(device=meta)
@@ -89,9 +92,9 @@ CONFIGS = {
                      "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
                      "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5, "vec_in_dim": None}, _clip("t5")),
     "flux2/klein-4b": (dict(_FLUX2, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20,
-                            context_in_dim=7680), _clip(None)),
+                            context_in_dim=7680), _clip("qwen3_4b")),
     "flux2/klein-9b": (dict(_FLUX2, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
-                            context_in_dim=12288), _clip(None)),
+                            context_in_dim=12288), _clip("qwen3_8b")),
     # what comfy/model_detection.py derives for each checkpoint
     "sd3/large": (_sd3(38, 192, True, ()), _clip("sd3")),
     "sd3/3.5-medium": (_sd3(24, 384, True, range(13)), _clip("sd3")),

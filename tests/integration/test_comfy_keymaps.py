@@ -128,6 +128,21 @@ def test_every_written_key_maps(probe, config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+def test_text_encoder_tables_map(probe, config):
+    """Every variant's text-encoder modules, named as the pack writes them, map
+    in ComfyUI's model_lora_keys_clip to a weight of the table's size."""
+    info = _config(probe, config)
+    family, variant = config.split("/")
+    table = arch_for(family, variant)
+    clip_map, weights = info.get("clip_map", {}), info.get("clip_weights", {})
+    te = [n for n in table.shapes if not n.startswith("lora_unet_")]
+    unmapped = [n for n in te if not isinstance(clip_map.get(written_name(family, n)), str)]
+    assert unmapped == [], f"{len(unmapped)} of {len(te)} unmapped: {unmapped[:3]}"
+    wrong = [n for n in te if math.prod(weights[clip_map[written_name(family, n)]]) != math.prod(table.shapes[n])]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_diffusers_aliases_agree_with_comfyui(probe, config):
     info = _config(probe, config)
     family, variant = config.split("/")
