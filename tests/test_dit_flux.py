@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from core.errors import LoraError
-from core.formats import load_lora
+from core.formats import load_lora, open_lora
 from core.merge import merge
 from core.save import save_kohya
 from core.sdarch import arch_for
@@ -148,3 +149,30 @@ def test_klein_text_encoders_are_qwen3():
         assert table.shapes["lora_te_layers_0_mlp_down_proj"] == (width, inter)
         assert table.canonical(f"{comfy}.transformer.model.layers.7.mlp.gate_proj") == "lora_te_layers_7_mlp_gate_proj"
 
+
+def _kohya_file(path, family, variant, names, metadata=None):
+    src = dit_files.random_dit_lora(family, variant, names)
+    tensors = dit_files.format_tensors(src, family, variant, "kohya")
+    save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata)
+    return str(path)
+
+
+def test_text_encoders_do_not_sway_the_family(tmp_path):
+    """Double-block attention of width 3072 fits Flux.1 dev and Klein 4B alike; a
+    Qwen3-4B text encoder (Klein 4B's) beside it must not decide: the file reads
+    as the same attention without it does. Files of encoder layers alone are
+    fitted by them (the variant from the encoder's width)."""
+    unet = [f"lora_unet_double_blocks_{i}_{s}_attn_{m}" for i in (0, 4) for s in ("img", "txt")
+            for m in ("qkv", "proj")]
+    klein = arch_for("flux2", "klein-4b")
+    assert all(klein.shapes[n] == arch_for("flux", "dev").shapes[n] for n in unet)
+    te = [n for n in klein.shapes if n.startswith("lora_te_layers_")][:70]
+    alone = open_lora(_kohya_file(tmp_path / "unet.safetensors", "flux2", "klein-4b", unet))
+    both = open_lora(_kohya_file(tmp_path / "both.safetensors", "flux2", "klein-4b", unet + te))
+    with alone, both:
+        assert (both.family, both.variant) == (alone.family, alone.variant) == ("flux", "dev"), both.family_reason
+    claim = {"modelspec.architecture": "flux-2-klein-9b"}
+    for variant in ("klein-4b", "klein-9b"):
+        names = [n for n in arch_for("flux2", variant).shapes if n.startswith("lora_te_layers_1_")]
+        with open_lora(_kohya_file(tmp_path / f"{variant}.safetensors", "flux2", variant, names, claim)) as reader:
+            assert (reader.family, reader.variant) == ("flux2", variant), reader.family_reason

@@ -6,7 +6,11 @@ and Flux.2 Klein share LDM names), so every candidate table is tried: each
 module is resolved against it and its shape compared (a split part against
 its rows and the fused module's input width). The table that contradicts no
 module and holds the most of them wins; ties go to the family the metadata
-claims, then to the candidates' order.
+claims, then to the candidates' order. Only diffusion-model modules are
+scored: text encoders are shared across families (CLIP-L and T5 by Flux.1,
+SD3 and HiDream, Qwen3-4B by Z-Image and Klein 4B), so a file's encoder
+layers must not outvote its transformer. A file with no diffusion-model module
+the candidates know is fitted by its text-encoder modules.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import math
 from typing import Iterable
 
 from .. import arch as dit
+from ..arch.common import UNET
 from ..sdarch import arch_for
 from .adapters import ModulePlan
 from .names import resolve_module
@@ -24,13 +29,15 @@ def part_rows(rows) -> int:
     return max(first + end - start for start, end, first in rows)
 
 
-def score(plans: Iterable[ModulePlan], family: str, variant: str | None) -> tuple[int, int]:
-    """(modules that fit the table, modules that contradict it)."""
+def score(plans: Iterable[ModulePlan], family: str, variant: str | None,
+          text_encoders: bool = False) -> tuple[int, int]:
+    """(modules that fit the table, modules that contradict it), over the
+    diffusion-model modules, or over the text-encoder ones."""
     table = arch_for(family, variant)
     good = bad = 0
     for plan in plans:
         name, known, rows = resolve_module(plan.module_key, family, variant)
-        if not known:
+        if not known or name.startswith(UNET) == text_encoders:
             continue
         shape = table.shapes[name]
         d_in = math.prod(shape[1:])
@@ -46,11 +53,15 @@ def best_table(plans: list[ModulePlan], families: Iterable[str], claimed: str | 
                ) -> tuple[str, str | None, int, int] | None:
     """(family, variant, fitting, contradicting) of the best table, None when no
     candidate table knows any module."""
-    best, best_key = None, None
-    for rank, family in enumerate(families):
-        for variant in dit.variants(family):
-            good, bad = score(plans, family, variant)
-            key = (bad == 0, good, family == claimed, -rank)
-            if good + bad and (best_key is None or key > best_key):
-                best, best_key = (family, variant, good, bad), key
-    return best
+    families = list(families)
+    for text_encoders in (False, True):
+        best, best_key = None, None
+        for rank, family in enumerate(families):
+            for variant in dit.variants(family):
+                good, bad = score(plans, family, variant, text_encoders)
+                key = (bad == 0, good, family == claimed, -rank)
+                if good + bad and (best_key is None or key > best_key):
+                    best, best_key = (family, variant, good, bad), key
+        if best is not None:
+            return best
+    return None
