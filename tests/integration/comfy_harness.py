@@ -428,15 +428,18 @@ def load_image(path):
 
 
 def build_checkpoint(out: str | os.PathLike | None = None, verify: bool = False,
-                     timeout: float = 900.0) -> Path:
-    """Build (or reuse) the random SD1.5 checkpoint with ComfyUI's python; returns its path."""
+                     timeout: float = 900.0, levels: int | None = None) -> Path:
+    """Build (or reuse) the random SD1.5 checkpoint with ComfyUI's python; returns its path.
+    ``levels``: the reduced-depth SD1.5 of the UNet's first levels (make_sd15_checkpoint.py)."""
     script = Path(__file__).with_name("make_sd15_checkpoint.py")
-    out = Path(out) if out else Path.home() / ".cache" / "grassmann_lora" / "sd15_random.safetensors"
+    name = "sd15_random.safetensors" if levels is None else f"sd15_random_{levels}levels.safetensors"
+    out = Path(out) if out else Path.home() / ".cache" / "grassmann_lora" / name
     if out.exists() and not verify:
         return out
     env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()))
     env.pop("PYTHONPATH", None)
-    cmd = [str(comfyui_python()), str(script), str(out)] + (["--verify"] if verify else [])
+    cmd = [str(comfyui_python()), str(script), str(out)] + (["--verify"] if verify else []) \
+        + ([f"--levels={levels}"] if levels is not None else [])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0 or not out.exists():
         raise ComfyError(f"checkpoint build failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

@@ -26,8 +26,16 @@ Run it with ComfyUI's python (its venv has the torch it needs)::
 
     COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python tests/integration/make_sd15_checkpoint.py [OUT] [--verify]
 
-OUT defaults to ``~/.cache/grassmann_lora/sd15_random.safetensors``; an existing
-file is kept unless ``--force`` is given.  ``--verify`` loads the file back through
+``--levels N`` (1 to 3) builds a reduced-depth SD1.5 instead: the UNet's first N
+resolution levels only (320, 640, 1280 channels; 2 res blocks and a transformer
+block each, the deepest level also in the middle block), with the same blocks, the
+same CLIP and VAE. ComfyUI detects it as SD15 and maps LoRA keys by its own
+structure; a UNet call costs a fraction of the full one (2 levels: about 1/10 of
+the weights). For tests whose LoRAs touch only modules it has.
+
+OUT defaults to ``~/.cache/grassmann_lora/sd15_random.safetensors`` (with
+``--levels N``: ``sd15_random_<N>levels.safetensors``); an existing file is kept
+unless ``--force`` is given.  ``--verify`` loads the file back through
 ``nodes.CheckpointLoaderSimple`` and checks that ComfyUI detects it as SD15.
 """
 
@@ -51,6 +59,23 @@ SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+
+
+def unet_config(levels: int | None = None) -> dict:
+    """SD15's UNet config, or the reduced-depth one of its first ``levels`` levels
+    (every level with a transformer block: SD15's deepest level, the one without, is cut)."""
+    if levels is None:
+        return dict(SD15_UNET_CONFIG)
+    if not 1 <= levels <= 3:
+        raise SystemExit(f"--levels takes 1 to 3 (SD1.5 has 4 levels), not {levels}")
+    # transformer_depth_output is read from its end (ComfyUI pops it): deepest level first there
+    return dict(SD15_UNET_CONFIG, num_res_blocks=[2] * levels, channel_mult=[1, 2, 4][:levels],
+                transformer_depth=[1] * (2 * levels), transformer_depth_output=[1] * (3 * levels))
+
+
+def default_out(levels: int | None = None) -> str:
+    return DEFAULT_OUT if levels is None else DEFAULT_OUT.replace(".safetensors", f"_{levels}levels.safetensors")
+
 
 # comfy/sd.py, "default SD1.x/SD2.x VAE parameters"
 SD1_VAE_DDCONFIG = {
@@ -119,14 +144,15 @@ def _check_uninitialised(module, what: str) -> None:
             raise RuntimeError(f"{what}: parameter {name} is not finite after init")
 
 
-def build_state_dict(seed: int, residual_scale: float):
+def build_state_dict(seed: int, residual_scale: float, levels: int | None = None):
     import torch
     import comfy.supported_models
     import comfy.sd1_clip
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    unet = UNetModel(**SD15_UNET_CONFIG, dtype=torch.float32, device="cpu")
+    config = unet_config(levels)
+    unet = UNetModel(**config, dtype=torch.float32, device="cpu")
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     vae = AutoencoderKL(ddconfig=dict(SD1_VAE_DDCONFIG), embed_dim=4)
 
@@ -140,7 +166,7 @@ def build_state_dict(seed: int, residual_scale: float):
     for mod, what in ((unet, "unet"), (clip, "clip"), (vae, "vae")):
         _check_uninitialised(mod, what)
 
-    cfg = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+    cfg = comfy.supported_models.SD15(config)
     sd = {}
     sd.update(cfg.process_unet_state_dict_for_saving(unet.state_dict()))
     sd.update(cfg.process_clip_state_dict_for_saving(clip.state_dict()))
@@ -170,13 +196,14 @@ def verify(path: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", nargs="?", default=DEFAULT_OUT)
+    ap.add_argument("out", nargs="?", help=f"default {DEFAULT_OUT}, or its _<N>levels twin")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--residual-scale", type=float, default=0.1)
+    ap.add_argument("--levels", type=int, default=None, help="reduced depth: the first N UNet levels (1-3)")
     ap.add_argument("--force", action="store_true", help="rebuild even if OUT exists")
     ap.add_argument("--verify", action="store_true", help="load it back with CheckpointLoaderSimple")
     a = ap.parse_args(argv)
-    out = os.path.abspath(os.path.expanduser(a.out))
+    out = os.path.abspath(os.path.expanduser(a.out or default_out(a.levels)))
 
     _import_comfy()
     if os.path.exists(out) and not a.force:
@@ -187,7 +214,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         t0 = time.time()
-        sd, n = build_state_dict(a.seed, a.residual_scale)
+        sd, n = build_state_dict(a.seed, a.residual_scale, a.levels)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = out + ".part"
         # one metadata key only: safetensors writes a multi-key dict in random order,
