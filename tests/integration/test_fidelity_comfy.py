@@ -1,10 +1,14 @@
 """LoRA Merge Fidelity inside a real ComfyUI (issue 15).
 
-Needs ComfyUI at ``COMFYUI_PATH`` with its venv (skipped otherwise). One server
-for the module, with the random-weight checkpoint of the full SD1.5
-architecture (the real LoRAs must map fully), 64×64 latents and one or two
-seed × timestep samples per node to stay small. The node's JSON output comes
-back through a test-only probe node. Run with ``-s`` to see the measured tables.
+Needs ComfyUI at ``COMFYUI_PATH`` with its venv (skipped otherwise). The session's
+server (conftest.py) with a reduced-depth SD1.5 of random weights (the first two
+UNet levels, same blocks, the same CLIP and VAE: make_sd15_checkpoint.py --levels
+2): the synthetic LoRAs touch two of its modules, and its UNet calls cost a
+fraction of the full model's. 64×64 latents and one or two seed × timestep
+samples per node to stay small. The node's JSON output comes back through a
+test-only node (comfy_test_nodes.py). Run with ``-s`` to see the measured tables.
+The node on real SD1.5 LoRAs with four merges, on the full architecture, is
+checked in test_nodes_comfy.py (workflow 4).
 """
 from __future__ import annotations
 
@@ -15,37 +19,22 @@ import numpy as np
 import pytest
 
 import comfy_harness as ch  # this folder is on sys.path (conftest.py)
-import example_graphs as eg
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 SIZE = 64
+LEVELS = 2                               # the synthetic LoRAs' reduced-depth SD1.5
+SMALL_CHECKPOINT = f"random_sd15_{LEVELS}levels_test.safetensors"
 PROMPT_A, PROMPT_B = "a red fox in the snow", "a city street at night, neon signs"
 RANK = 4
-# Two synthetic kohya LoRAs on disjoint UNet modules (A early, B late) and one
-# whose factors are all zero (an "empty merge": it patches but changes nothing).
+# Two synthetic kohya LoRAs on disjoint UNet modules (A first, B last: both at 320
+# channels) and one whose factors are all zero (an "empty merge": it patches but
+# changes nothing).
 A_MODULES = [f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_{p}"
              for p in ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0")]
-B_MODULES = [f"lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_{p}"
+B_MODULES = [f"lora_unet_up_blocks_{LEVELS - 1}_attentions_2_transformer_blocks_0_{p}"
              for p in ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0")]
 SYN_A, SYN_B, SYN_ZERO = "fidelity_a.safetensors", "fidelity_b.safetensors", "fidelity_zero.safetensors"
-
-PROBE = """
-class GrassmannTestShowString:
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ()
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"text": ("STRING", {"forceInput": True})}}
-
-    def run(self, text):
-        return {"ui": {"string": [text]}}
-
-NODE_CLASS_MAPPINGS = {"GrassmannTestShowString": GrassmannTestShowString}
-"""
 
 
 def kohya_lora(modules: list[str], seed: int, scale: float) -> dict:
@@ -59,31 +48,24 @@ def kohya_lora(modules: list[str], seed: int, scale: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def comfy(real_loras_dir, tmp_path_factory):
+def comfy(comfy_server):
     from safetensors.numpy import save_file
 
-    ckpt = ch.build_checkpoint()
-    base = tmp_path_factory.mktemp("comfy_fidelity")
-    probe = base / "custom_nodes" / "grassmann_test_show_string"
-    probe.mkdir(parents=True)
-    (probe / "__init__.py").write_text(PROBE)
-    with ch.ComfyServer(env={"OMP_NUM_THREADS": "1"}, base_dir=str(base)) as srv:
-        print(f"\n[fidelity] server up in {srv.startup_seconds:.1f}s")
-        srv.add_checkpoint(ckpt, eg.CHECKPOINT)
-        eg.prepare_loras(srv.loras_dir, real_loras_dir, [eg.LORA_A, eg.LORA_B])
-        save_file(kohya_lora(A_MODULES, 1, 0.1), str(srv.loras_dir / SYN_A))
-        save_file(kohya_lora(B_MODULES, 2, 0.1), str(srv.loras_dir / SYN_B))
-        zero = kohya_lora(A_MODULES, 3, 0.1)
-        zero.update({k: np.zeros_like(v) for k, v in zero.items() if k.endswith("lora_up.weight")})
-        save_file(zero, str(srv.loras_dir / SYN_ZERO))
-        yield srv
+    srv = comfy_server
+    srv.add_checkpoint(ch.build_checkpoint(levels=LEVELS), SMALL_CHECKPOINT)
+    save_file(kohya_lora(A_MODULES, 1, 0.1), str(srv.loras_dir / SYN_A))
+    save_file(kohya_lora(B_MODULES, 2, 0.1), str(srv.loras_dir / SYN_B))
+    zero = kohya_lora(A_MODULES, 3, 0.1)
+    zero.update({k: np.zeros_like(v) for k, v in zero.items() if k.endswith("lora_up.weight")})
+    save_file(zero, str(srv.loras_dir / SYN_ZERO))
+    return srv
 
 
 class Graph:
     """A small API-graph builder: checkpoint, loaders, merges, fidelity nodes."""
 
     def __init__(self):
-        self.g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": eg.CHECKPOINT}}}
+        self.g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SMALL_CHECKPOINT}}}
         self.loaded: dict[str, str] = {}
 
     def _add(self, class_type: str, **inputs) -> str:
@@ -183,34 +165,3 @@ def test_disjoint_linear_merge_symmetry_and_reproducibility(comfy):
           f"F_B {f_b:.4f} (leak of A under B's prompt {leak_b:.4f}); cos {x['cos'][0][0]:.4f}, "
           f"{x['cos'][1][0]:.4f}")
     assert f_a == pytest.approx(leak_a, rel=0.05) and f_b == pytest.approx(leak_b, rel=0.05)
-
-
-def _merge_errors(entry, comfy, merge_nodes: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for method, node in merge_nodes.items():
-        facts = dict(comfy.node_ui(entry, node)["grassmann_table"][1]["rows"])
-        out[method] = facts["relative error"]
-    return out
-
-
-def test_real_sd15_loras_several_methods(comfy):
-    """The measurement on two real SD1.5 LoRAs, for several merge methods, printed
-    beside each merge's weight-space relative error. No order is asserted (this
-    is a measurement on a random-weight model); every cell must be defined."""
-    methods = ["karcher", "linear", "svd", "ties"]
-    g = Graph()
-    merges = {m: g.merge(m, [eg.LORA_A, eg.LORA_B], "0.5, 0.5", dtype="fp16") for m in methods}
-    node, show = g.fidelity([eg.LORA_A, eg.LORA_B], list(merges.values()), "", [eg.POSITIVE, eg.POSITIVE])
-    entry = run(comfy, g, f"real SD1.5 LoRAs, {len(methods)} methods")
-    r = report(comfy, entry, show)
-    errors = _merge_errors(entry, comfy, {m: ref[0] for m, ref in merges.items()})
-    print(table_text(comfy, entry, node))
-    print("[fidelity] method   weight-space rel. error   F_A      F_B      cos_A    cos_B")
-    for j, m in enumerate(methods):
-        print(f"[fidelity] {m:8s} {errors[m]:>24s}   {r['F'][0][j]:.4f}   {r['F'][1][j]:.4f}   "
-              f"{r['cos'][0][j]:.4f}   {r['cos'][1][j]:.4f}")
-    assert r["weights"] == [0.5, 0.5]                          # read from the merges' recipes
-    assert r["merges"] == [f"merged-{m}" for m in methods]
-    assert all(f is not None and np.isfinite(f) for row in r["F"] for f in row)
-    assert all(c is not None and -1 <= c <= 1 for row in r["cos"] for c in row)
-    assert float(errors["linear"]) < 1e-3

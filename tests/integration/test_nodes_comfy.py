@@ -2,7 +2,7 @@
 
 Needs ComfyUI laid out at ``COMFYUI_PATH`` (default ``~/ComfyUI``) with its own
 ``venv/`` (see README); skipped otherwise. One headless server (``--cpu``,
-loopback, free port) serves the whole module, with a random-weight checkpoint
+loopback, free port; conftest.py's ``comfy_server``) serves the session, with a random-weight checkpoint
 of the full SD1.5 architecture and the real SD1.5 LoRAs from
 ``../shared/fixtures/real_loras`` (cloneofsimo ones converted to kohya).
 Sampling is kept tiny (64×64 pixels, 1 step) because every UNet call on this
@@ -63,72 +63,21 @@ def timed(label: str, fn, *args, **kwargs):
     return out
 
 
-# A test-only probe node (written into the server's custom_nodes, never shipped):
-# a digest of the weights ComfyUI actually runs with, after its own LoRA patching.
-# With random weights the UNet output is ~1e-4 of unit scale, so a LoRA moves
-# 64×64 8-bit images by well under one level: images alone cannot tell whether
-# two patched models are the same. The digest can, bit for bit.
-PROBE = """
-import hashlib, json
-
-class GrassmannTestWeightDigest:
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "clip": ("CLIP",)}}
-
-    def run(self, model, clip):
-        import comfy.model_management as mm
-        out = {}
-        for part, patcher in (("model", model), ("clip", clip.patcher)):
-            mm.load_models_gpu([patcher], force_full_load=True)
-            sd = patcher.model.state_dict()
-            keys = sorted(patcher.patches)
-            h = hashlib.sha256()
-            for k in keys:
-                h.update(k.encode())
-                h.update(sd[k].detach().float().cpu().contiguous().numpy().tobytes())
-            out[part] = f"{len(keys)} patched, sha256 {h.hexdigest()}"
-        return {"ui": {"digest": [out]}, "result": (json.dumps(out),)}
-
-
-class GrassmannTestPatchCount(GrassmannTestWeightDigest):
-    # how many weights ComfyUI's LoRA loading patched (cheap: nothing is loaded)
-    def run(self, model, clip):
-        out = {"model": len(model.patches), "clip": len(clip.patcher.patches)}
-        return {"ui": {"patches": [out]}, "result": (json.dumps(out),)}
-
-NODE_CLASS_MAPPINGS = {"GrassmannTestWeightDigest": GrassmannTestWeightDigest,
-                       "GrassmannTestPatchCount": GrassmannTestPatchCount}
-"""
-
-
 @pytest.fixture(scope="module")
-def comfy(real_loras_dir, tmp_path_factory):
+def comfy(comfy_server, real_loras_dir):
+    # the session's server (conftest.py), with the test-only nodes of comfy_test_nodes.py
     t0 = time.monotonic()
-    ckpt = timed("checkpoint (cached after the first build)", ch.build_checkpoint)
-    base = tmp_path_factory.mktemp("comfy")
-    probe = base / "custom_nodes" / "grassmann_test_probe"
-    probe.mkdir(parents=True)
-    (probe / "__init__.py").write_text(PROBE)
-    # one intra-op thread: on these small shared CPUs it was up to 2× faster per UNet call
-    with ch.ComfyServer(env={"OMP_NUM_THREADS": "1"}, base_dir=str(base)) as srv:
-        TIMES["server start"] = srv.startup_seconds
-        print(f"\n[comfy] server {srv.url} up in {srv.startup_seconds:.1f}s, base {srv.base}")
-        srv.add_checkpoint(ckpt, eg.CHECKPOINT)
-        timed("prepare LoRAs", eg.prepare_loras, srv.loras_dir, real_loras_dir)
-        srv.add_lora(real_loras_dir / SD2_FILE)
-        srv.add_lora(real_loras_dir / SD2_OTHER)
-        from safetensors.numpy import save_file
-        save_file({"model.diffusion_model.input_blocks.0.0.weight": np.ones((4, 4), np.float32)},
-                  str(srv.loras_dir / BAD_FILE))
-        yield srv
-        TIMES["module total"] = time.monotonic() - t0
-        print("\n[comfy] timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in TIMES.items()))
+    srv = comfy_server
+    TIMES["server start"] = srv.startup_seconds
+    timed("prepare LoRAs", eg.prepare_loras, srv.loras_dir, real_loras_dir)
+    srv.add_lora(real_loras_dir / SD2_FILE)
+    srv.add_lora(real_loras_dir / SD2_OTHER)
+    from safetensors.numpy import save_file
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.ones((4, 4), np.float32)},
+              str(srv.loras_dir / BAD_FILE))
+    yield srv
+    TIMES["module total"] = time.monotonic() - t0
+    print("\n[comfy] timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in TIMES.items()))
 
 
 def run(srv, graph: dict, label: str, timeout: float = 600) -> dict:
@@ -367,6 +316,24 @@ def test_compare_grid_size_and_tiles(comfy, side_by_side):
     assert float(rows[0][1]) == 0.0 and float(rows[0][2]) == pytest.approx(1.0)
 
 
+def test_workflow_1_runs_again(comfy, side_by_side):
+    """Issue 14: queueing the template again must succeed. The merge weights change
+    so the merge and its Save node really run again (unchanged nodes come from
+    ComfyUI's cache); the second save gets a new numbered name and the first file
+    stays as it was. Queued right after workflow 1's first run (the user's re-queue):
+    ComfyUI keeps the outputs of the previous prompt only."""
+    entry, _, _, _ = side_by_side
+    first = ui(entry, "9")["grassmann_table"][0]["rows"][0][1]
+    before = (comfy.loras_dir / first).read_bytes()
+    graph = _side_by_side_graph()
+    graph["6"]["inputs"]["weights"] = "0.6, 0.4"
+    again = run(comfy, graph, "workflow 1 queued again (merge weights changed)")
+    second = ui(again, "9")["grassmann_table"][0]["rows"][0][1]
+    assert second != first and (comfy.loras_dir / second).is_file()
+    assert (comfy.loras_dir / first).read_bytes() == before
+    assert len(comfy.output_images(again, "81")) == 1          # the grid was made again
+
+
 def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
     entry, _, images, digests = side_by_side
     name = ui(entry, "9")["grassmann_table"][0]["rows"][0][1]
@@ -407,39 +374,43 @@ def test_saved_merge_loads_in_stock_loraloader_identically(comfy, side_by_side):
 
 def test_merge_fidelity_workflow(comfy):
     """Workflow 4 at test size: three merges rendered into one grid, and the
-    fidelity table of both sources against all three merges."""
+    fidelity table of both sources against all three merges plus a ties merge in
+    the node's fourth merge slot. The node's JSON (through the test-only show
+    node): the weights the merges recorded, every F and cos defined, printed beside
+    each merge's weight-space error (a measurement on a random-weight model: no
+    order asserted)."""
     g = eg.runnable(eg.MERGE_FIDELITY)
     g["10"]["inputs"].update(width=SIZE, height=SIZE)
     for k in range(len(eg.MERGE_FIDELITY_MERGES)):
         g[str(22 + 10 * k)]["inputs"].update(steps=STEPS, cfg=CFG)
-    g["90"]["inputs"].update(width=SIZE, height=SIZE, seeds=1, timesteps=1)
+    merge_nodes = {method: node for _, node, method in eg.MERGE_FIDELITY_MERGES} | {"ties": "7"}
+    g["7"] = {"class_type": g["6"]["class_type"], "inputs": dict(g["6"]["inputs"], method="ties")}
+    g["90"]["inputs"].update(width=SIZE, height=SIZE, seeds=1, timesteps=1, merged_4=["7", 2])
+    g["91"] = {"class_type": "GrassmannTestShowString", "inputs": {"text": ["90", 1]}}
     log_before = len(comfy.log_text())
-    entry = run(comfy, g, "workflow 4 (three merges + fidelity)")
+    entry = run(comfy, g, "workflow 4 (three merges + fidelity, a ties merge in merged_4)")
     assert "lora key not loaded" not in comfy.log_text()[log_before:]
     fidelity = ui(entry, "90")["grassmann_table"][0]
     assert [r[0] for r in fidelity["rows"]] == [Path(eg.LORA_A).stem, Path(eg.LORA_B).stem]
-    assert fidelity["columns"][3:] == [f"merged-{m}: F / cos" for _, _, m in eg.MERGE_FIDELITY_MERGES]
+    assert fidelity["columns"][3:] == [f"merged-{m}: F / cos" for m in merge_nodes]
     assert all(len(c.split(" / ")) == 2 for r in fidelity["rows"] for c in r[3:]), fidelity["rows"]
-    assert "10 denoiser evaluations" in fidelity["note"]
+    assert "12 denoiser evaluations" in fidelity["note"]
+    r = json.loads(ui(entry, "91")["string"][0])
+    errors = {m: dict(ui(entry, node)["grassmann_table"][1]["rows"])["relative error"]
+              for m, node in merge_nodes.items()}
+    print("\n[comfy] method   weight-space rel. error   F_A      F_B      cos_A    cos_B")
+    for j, m in enumerate(merge_nodes):
+        print(f"[comfy] {m:8s} {errors[m]:>24s}   {r['F'][0][j]:.4f}   {r['F'][1][j]:.4f}   "
+              f"{r['cos'][0][j]:.4f}   {r['cos'][1][j]:.4f}")
+    assert r["weights"] == [0.5, 0.5]                          # read from the merges' recipes
+    assert r["merges"] == [f"merged-{m}" for m in merge_nodes]
+    assert all(f is not None and np.isfinite(f) for row in r["F"] for f in row)
+    assert all(c is not None and -1 <= c <= 1 for row in r["cos"] for c in row)
+    assert float(errors["linear"]) < 1e-3
     assert len(comfy.output_images(entry, "90")) == 1                      # the heatmap preview
     grid = comfy.output_images(entry, "81", load=True)[0]
     geo = pack("core.compare_grid").grid_geometry(len(eg.MERGE_FIDELITY_MERGES), SIZE, SIZE)
     assert grid.shape == (geo.height, geo.width, 3)
-def test_workflow_1_runs_again(comfy, side_by_side):
-    """Issue 14: queueing the template again must succeed. The merge weights change
-    so the merge and its Save node really run again (unchanged nodes come from
-    ComfyUI's cache); the second save gets a new numbered name and the first file
-    stays as it was."""
-    entry, _, _, _ = side_by_side
-    first = ui(entry, "9")["grassmann_table"][0]["rows"][0][1]
-    before = (comfy.loras_dir / first).read_bytes()
-    graph = _side_by_side_graph()
-    graph["6"]["inputs"]["weights"] = "0.6, 0.4"
-    again = run(comfy, graph, "workflow 1 queued again (merge weights changed)")
-    second = ui(again, "9")["grassmann_table"][0]["rows"][0][1]
-    assert second != first and (comfy.loras_dir / second).is_file()
-    assert (comfy.loras_dir / first).read_bytes() == before
-    assert len(comfy.output_images(again, "81")) == 1          # the grid was made again
 
 
 # ----------------------------------------------------------------------------- bad inputs
