@@ -117,3 +117,22 @@ def test_all_zero_fp16_factor_is_still_reported(tmp_path):
     path = tmp_path / "zero.safetensors"
     save_file(tensors, str(path))
     assert any("all-zero factor" in w for w in load_lora(str(path)).warnings)
+
+
+def test_where_a_mapped_file_cannot_be_replaced_tensors_are_copied_and_the_map_closed(tmp_path, monkeypatch):
+    """Windows refuses to replace or delete a file while a view of it is
+    mapped; there the reader copies each tensor out and closes the map."""
+    import core.formats.source as source
+
+    monkeypatch.setattr(source, "COPY_OUT_OF_MAP", True)
+    path = tmp_path / "a.safetensors"
+    save_file(_factors(), str(path))
+    with open_lora(str(path)) as reader:
+        lora = reader.load()
+        mapped = reader.source._map
+        begin = torch.frombuffer(mapped, dtype=torch.uint8).data_ptr()
+        for tensor in (lora.modules[NAME].up, lora.modules[NAME].down):
+            assert not begin <= tensor.data_ptr() < begin + len(mapped)
+    assert mapped.closed
+    ref = load_file(str(path))
+    assert torch.equal(lora.modules[NAME].up, ref[UP]) and torch.equal(lora.modules[NAME].down, ref[DOWN])

@@ -87,6 +87,12 @@ class TensorSource:
         pass
 
 
+# Windows cannot replace or delete a file while any view of it is mapped (a
+# cached LoRA would block the user's own overwrite): there each tensor is
+# copied out of the map, and the map is closed with the source.
+COPY_OUT_OF_MAP = os.name == "nt"
+
+
 class SafetensorsSource(TensorSource):
     """Tensors as views of one private memory map of the file (what
     safetensors' own loader does, without its per-tensor overhead); the
@@ -100,8 +106,8 @@ class SafetensorsSource(TensorSource):
         try:
             with open(path, "rb") as fh:
                 # ACCESS_COPY: writable views that never write to the file
-                self._bytes = torch.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY),
-                                               dtype=torch.uint8)
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         except (OSError, ValueError) as exc:
             raise LoraError(f"not a readable safetensors file: {_first_line(exc)}", path) from None
         meta = header.pop("__metadata__", None) or {}
@@ -124,13 +130,16 @@ class SafetensorsSource(TensorSource):
             raise LoraError(f"a {info['dtype']} tensor cannot be a LoRA factor", self.path, key)
         begin, end = info["data_offsets"]
         raw = self._bytes[self._data_start + begin:self._data_start + end]
-        if (self._data_start + begin) % dtype.itemsize:
-            raw = raw.clone()       # an unaligned tensor (old writers): a view would be refused
+        if COPY_OUT_OF_MAP or (self._data_start + begin) % dtype.itemsize:
+            raw = raw.clone()       # unaligned (old writers): a view would be refused
         return raw.view(dtype).view(info["shape"])
 
     def close(self) -> None:
-        # the map lives on in the tensors read (each view holds it) and goes with the last one
+        # elsewhere the map lives on in the tensors read (each view holds it) and goes with the last one
         self._bytes = None
+        if COPY_OUT_OF_MAP and self._map is not None:
+            self._map.close()
+            self._map = None
 
 
 # safetensors' own limit: a longer header is garbage, and reading it would
