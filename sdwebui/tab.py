@@ -22,6 +22,9 @@ TXT2IMG_IDS = {"txt2img_prompt": "prompt", "txt2img_neg_prompt": "negative_promp
                "txt2img_cfg_scale": "cfg_scale", "txt2img_sampling": "sampler_name"}
 TXT2IMG: dict[str, object] = {}     # field -> the txt2img tab's component (on_after_component)
 MERGE_HEADERS = ["source", "weight", "energy kept", "φ to merge"]
+# the reports are column-aligned text: style.css (loaded by the WebUI from the
+# extension root) gives these boxes a monospace font
+MONO = "grassmann-lora-mono"
 
 
 def _progress(progress, what: str):
@@ -216,7 +219,7 @@ def build():
                     top = gr.Number(0, label="Top K (0 = effective rank)", precision=0)
                     module = gr.Textbox("", label="φ grid of module (optional)")
                 sim_btn = gr.Button("Compare subspaces", variant="primary", elem_id="grassmann_lora_sim_run")
-                sim_text = gr.Textbox(label="Summary", lines=14, max_lines=40)
+                sim_text = gr.Textbox(label="Summary", lines=14, max_lines=40, elem_classes=[MONO])
                 with gr.Row():
                     sim_heat = gr.Image(label="Heatmap", type="pil")
                     sim_grid = gr.Image(label="φ(i, j) grid", type="pil")
@@ -229,7 +232,7 @@ def build():
                     k_side = gr.Radio(list(service.SIDES), value="out", label="Side")
                     k_clusters = gr.Number(0, label="Clusters (0 = eigengap)", precision=0)
                 k_btn = gr.Button("Kernel matrix", variant="primary")
-                k_text = gr.Textbox(label="Clusters and summary", lines=12, max_lines=40)
+                k_text = gr.Textbox(label="Clusters and summary", lines=12, max_lines=40, elem_classes=[MONO])
                 with gr.Row():
                     k_heat = gr.Image(label="Heatmap", type="pil")
                     k_table = gr.Dataframe(label="Matrix", interactive=False)
@@ -250,7 +253,7 @@ def build():
                 m_btn = gr.Button("Merge and save", variant="primary", elem_id="grassmann_lora_merge_run")
                 m_prompt = gr.Textbox(label="Use in the prompt", show_copy_button=True, interactive=False)
                 m_table = gr.Dataframe(headers=MERGE_HEADERS, label="Fidelity per source", interactive=False)
-                m_text = gr.Textbox(label="Fidelity by block group", lines=12, max_lines=40)
+                m_text = gr.Textbox(label="Fidelity by block group", lines=12, max_lines=40, elem_classes=[MONO])
                 pickers.append(m_loras)
             with gr.Tab("Convert"):
                 with gr.Row():

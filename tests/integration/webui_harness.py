@@ -28,7 +28,7 @@ from comfy_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_FILES = ("scripts/grassmann_lora_webui.py", "sdwebui", "core", "install.py", "requirements.txt",
-              "README.md")
+              "README.md", "style.css")
 # Flags of A1111 1.10 and lllyasviel's Forge; Forge Neo dropped these and has its own CPU switches.
 LEGACY_FLAGS = ["--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model"]
 KINDS = {
