@@ -221,8 +221,12 @@ def main() -> None:
           f"merged at rank {RANK}, weights {WEIGHTS}")
 
     def extrapolate(per_module: dict[str, float]) -> float:
-        return sum(len(group) * sum(per_module[n] for n in group[:args.per_shape]) /
-                   len(group[:args.per_shape]) for group in by_shape.values())
+        # shapes left out by --modules are left out of every total alike (ratios stay fair)
+        total = 0.0
+        for group in by_shape.values():
+            seen = [per_module[n] for n in group[:args.per_shape] if n in per_module]
+            total += len(group) * sum(seen) / len(seen) if seen else 0.0
+        return total
 
     if args.skip_dense:
         with linalg_threads(args.threads if dev.type == "cpu" else None):
@@ -262,7 +266,9 @@ def main() -> None:
         return sum(times[n] for n in take) / len(take) if times else float("nan")
 
     for shape, group in sorted(by_shape.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
-        take = group[:args.per_shape]
+        take = [n for n in group[:args.per_shape] if n in sample]
+        if not take:        # a shape --modules left out
+            continue
         d, s, k, f = mean(thin, take), mean(per["svd"], take), mean(per["karcher"], take), mean(floor, take)
         its = " ".join(f"{u}/{v}" for u, v in (iters[n] for n in take))
         print(f"{shape[0]:>5}×{shape[1]:<6} {len(group):>5} {mean(kohya, take):>7.3f} {d:>7.3f} {s:>7.3f} "
