@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -106,9 +105,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"browser check skipped: {why}")
         return 2
-    fixtures = Path(os.environ.get("GRASSMANN_REAL_LORAS", eg.REPO.parent / "shared" / "fixtures" / "real_loras"))
-    env = dict(os.environ)
-    env.setdefault("PLAYWRIGHT_CORE_DIR", str(CACHE / "browser"))
+    fixtures, env = eg.REAL_LORAS, eg.browser_env()
     env["GRASSMANN_TEMPLATES"] = json.dumps(list(eg.WORKFLOWS))
     out = Path(a.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

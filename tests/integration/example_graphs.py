@@ -28,6 +28,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# the real LoRA fixtures and the headless browser, for the scripts that drive the front end
+REAL_LORAS = Path(os.environ.get("GRASSMANN_REAL_LORAS", REPO.parent / "shared" / "fixtures" / "real_loras"))
+BROWSER = Path(os.environ.get("PLAYWRIGHT_CORE_DIR", Path.home() / ".cache" / "grassmann_lora" / "browser"))
+
+
+def browser_env() -> dict:
+    """This process's environment with the browser's location set for the node scripts."""
+    return dict(os.environ, PLAYWRIGHT_CORE_DIR=str(BROWSER))
 WORKFLOWS_DIR = REPO / "example_workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 

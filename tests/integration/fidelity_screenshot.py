@@ -7,7 +7,6 @@ browser_check.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,9 +34,7 @@ def main(argv=None) -> int:
     if not ok:
         print(f"skipped: {why}")
         return 2
-    fixtures = Path(os.environ.get("GRASSMANN_REAL_LORAS", eg.REPO.parent / "shared" / "fixtures" / "real_loras"))
-    env = dict(os.environ)
-    env.setdefault("PLAYWRIGHT_CORE_DIR", str(Path.home() / ".cache" / "grassmann_lora" / "browser"))
+    fixtures, env = eg.REAL_LORAS, eg.browser_env()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, ch.ComfyServer(env={"OMP_NUM_THREADS": "1"}) as srv:
         srv.add_checkpoint(ch.build_checkpoint(), eg.CHECKPOINT)
