@@ -104,27 +104,23 @@ class Gram:
     def basis(self, coef: torch.Tensor) -> torch.Tensor:
         return orthonormalize(self.z @ coef)
 
+    def cross(self, coef: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """XᵀU_k (…, p, p_k) for every source k, X = Z·coef: the R-sized blocks of
+        coefᵀ(ZᵀZ), nothing d-sized."""
+        return torch.split(coef.transpose(-1, -2) @ self.gram, self.ranks, dim=-1)
+
     def max_angle(self, coef: torch.Tensor) -> torch.Tensor:
         """Largest principal angle between Z·coef and any source (…,), over min(p, p_k)
-        angles, from the singular values of the R-sized blocks XᵀU_k = coefᵀ(ZᵀZ)_k
-        (nothing d-sized; arccos: a report figure, ~1e-8 off for tiny angles)."""
-        xu = coef.transpose(-1, -2) @ self.gram
-        least, start = [], 0
-        for r in self.ranks:
-            least.append(torch.linalg.svdvals(xu[..., start:start + r]).amin(-1))
-            start += r
+        angles, from the singular values of the cross blocks (arccos: a report figure,
+        ~1e-8 off for tiny angles)."""
+        least = [torch.linalg.svdvals(xu).amin(-1) for xu in self.cross(coef)]
         return torch.arccos(torch.stack(least, -1).amin(-1).clamp(0.0, 1.0))
 
     def chordal_distances(self, coef: torch.Tensor) -> torch.Tensor:
         """d_chordal(Z·coef, U_k) (…, K): √(min(p, p_k) − ‖XᵀU_k‖²_F)."""
-        xu = coef.transpose(-1, -2) @ self.gram          # XᵀZ (…, p, R)
         p = coef.shape[-1]
-        out, start = [], 0
-        for r in self.ranks:
-            cos2 = (xu[..., start:start + r] ** 2).sum((-1, -2))
-            out.append((min(p, r) - cos2).clamp_min(0).sqrt())
-            start += r
-        return torch.stack(out, -1)
+        return torch.stack([(min(p, xu.shape[-1]) - (xu ** 2).sum((-1, -2))).clamp_min(0).sqrt()
+                            for xu in self.cross(coef)], -1)
 
 
 @dataclass

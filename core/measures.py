@@ -64,8 +64,12 @@ def phi(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     k, l = x.shape[-1], y.shape[-1]
     if min(k, l) == 0:
         raise ValueError("φ needs non-empty bases")
-    m = x.transpose(-1, -2) @ y
-    return (m * m).sum((-1, -2)) / min(k, l)
+    return phi_from_product(x.transpose(-1, -2) @ y)
+
+
+def phi_from_product(m: torch.Tensor) -> torch.Tensor:
+    """φ from the product XᵀY (…, k, l) already formed: ‖XᵀY‖²_F / min(k, l)."""
+    return (m * m).sum((-1, -2)) / min(m.shape[-2:])
 
 
 def phi_from_cosines(cos: torch.Tensor) -> torch.Tensor:

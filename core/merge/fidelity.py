@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..factored import FactoredSVD, svd_from_factors
+from ..measures import phi_from_product
 from .advisor import advise
 from .basis import Job, Merged
 from .report import ModuleReport
@@ -56,11 +57,11 @@ def fidelity(job: Job, res: Merged, group: str, status: str) -> ModuleReport | N
         u, v = merged.U, merged.V
     kept, phis, energy = {}, {}, {}
     for s in job.sources:
-        cross = u.T @ s.svd.U                  # φ's product too: ‖U_mᵀU_k‖² / min(p, r_k)
+        cross = u.T @ s.svd.U                  # φ's product too
         proj = (cross * s.svd.S) @ (s.svd.V.T @ v)
         energy[s.index] = float((s.svd.S ** 2).sum())
         kept[s.index] = float((proj ** 2).sum()) / energy[s.index]
-        phis[s.index] = float((cross * cross).sum()) / min(cross.shape)
+        phis[s.index] = float(phi_from_product(cross))
     rel = error / target if target > 0 else (0.0 if error == 0 else None)
     note = "rank lowered to what the sources allow" if job.capped else ""
     return ModuleReport(job.name, group, status, [s.index for s in job.sources], int(res.down.shape[0]),
