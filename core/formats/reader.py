@@ -291,12 +291,17 @@ class LoraReader:
         dtypes = [self.source.dtype(k) for k in plan.keys.values()]
         return max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
 
+    def _plain(self, plan: ModulePlan, name: str) -> bool:
+        """A plain LoRA module: its factors are the tensors read, as they are
+        (no lora_mid product, no fused parts)."""
+        return plan.kind == "lora" and "mid" not in plan.keys and name not in self._fused
+
     def _as_stored(self, plan: ModulePlan, name: str, stored: torch.dtype) -> bool:
         """A plain LoRA (up, down) is kept as stored: no product is formed while
         reading, and every computation converts to its own dtype (float64 for
         the geometry). Converting 0.5 GB of fp16 to fp32 here took longer than
         reading the file."""
-        if plan.kind != "lora" or "mid" in plan.keys or name in self._fused or stored not in _KEPT:
+        if not self._plain(plan, name) or stored not in _KEPT:
             return False
         return all(self.source.dtype(k) == stored for k in plan.keys.values())
 
@@ -362,7 +367,7 @@ class LoraReader:
         """An all-zero factor. A plain LoRA's factors are the tensors read,
         whose extremes the finite check already saw: no second pass."""
         plan = self._plans[name]
-        if plan.kind == "lora" and "mid" not in plan.keys and name not in self._fused:
+        if self._plain(plan, name):
             return plan.keys["up"] in self.source.zero_keys or plan.keys["down"] in self.source.zero_keys
         return is_all_zero(module.up) or is_all_zero(module.down)
 
