@@ -123,10 +123,8 @@ class SqDistanceHessian:
     Summed over k, H(η) = Σ_k E_k·w_k(H_B(B_k) − B_kΦ_k)·P_kᵀ + η·Σ_k w_k P_kΦ_kP_kᵀ
     (Φ_k = diag α·cot α at θ_k): two stacked products with d rows per call.
 
-    With basis = X_⊥ (…, d, d − p), an orthonormal basis of the tangent space at
-    X, the map acts on coordinates instead: η = X_⊥·B ↦ X_⊥ᵀH(η), B (…, d − p, p).
-    Only E changes (to X_⊥ᵀE, the E columns are tangent), so the products have
-    d − p rows and a tangent stays tangent without a projection.
+    The E columns are tangent at X, so H maps tangents to tangents without a
+    projection (up to rounding).
 
     dtype: the precision of the products (default: the frame's). float32 halves
     their cost on a CPU; an inexact Newton solve tolerates the ~1e-7 relative
@@ -135,15 +133,13 @@ class SqDistanceHessian:
     """
 
     def __init__(self, p: torch.Tensor, theta: torch.Tensor, e: torch.Tensor, w: torch.Tensor,
-                 basis: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None) -> None:
         ti, tj = theta.unsqueeze(-1), theta.unsqueeze(-2)
         self.plus, minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
         self.phi = alpha_cot_alpha(theta).unsqueeze(-2)
         self.w = w[..., None, None]
         *lead, k, d, r = e.shape
         e = e.movedim(-3, -2).reshape(*lead, d, k * r)                  # [E_1 … E_K]
-        if basis is not None:
-            e = _t(basis) @ e
         flat = ((p * self.phi) @ _t(p) * self.w).sum(-3)                # Σ w_k P_kΦ_kP_kᵀ
         # w_k·(H_B(B) − BΦ) = B∘same + Bᵀ∘swap: the symmetric/antisymmetric split folded in
         same = self.w * (0.5 * (minus + self.plus) - self.phi)

@@ -116,8 +116,10 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Cost:
     """f(X) = ½Σ w_k d_geo²(X, U_k) at one iterate (batched): the log frames of
     every source, the cost and the Riemannian gradient −Σ w_k Log_X U_k; on
-    demand (accepted iterates only) an orthonormal basis X_⊥ of the tangent
-    space and the Hessian acting on tangent coordinates B (η = X_⊥B)."""
+    demand (accepted iterates only) the Hessian acting on tangents η (d×p,
+    Xᵀη = 0: it maps them to tangents, so no basis of the tangent space is
+    formed — a complete QR of X and X_⊥ᵀE cost more than the products they
+    shorten by p of d rows, measured on SDXL sides)."""
 
     def __init__(self, x: torch.Tensor, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  w: torch.Tensor) -> None:
@@ -127,25 +129,18 @@ class _Cost:
         logs = (e * self.theta.unsqueeze(-2)) @ p.transpose(-1, -2)
         self.grad = -(logs * w[..., None, None]).sum(-3)
         self.gnorm = torch.linalg.vector_norm(self.grad, dim=(-2, -1))
-        self._perp = self._hess = None
+        self._hess = None
 
     @classmethod
     def at(cls, x: torch.Tensor, coords: torch.Tensor, w: torch.Tensor) -> "_Cost":
         return cls(x, log_frame(x.unsqueeze(-3), coords), w)
 
-    @property
-    def perp(self) -> torch.Tensor:
-        """X_⊥ (…, d, d − p): the last columns of a complete QR of X."""
-        if self._perp is None:
-            self._perp = torch.linalg.qr(self.x, mode="complete")[0][..., self.x.shape[-1]:]
-        return self._perp
-
     def hessian(self, exact: bool = False) -> SqDistanceHessian:
-        """The Hessian on tangent coordinates; its products in PRODUCT_DTYPE unless exact."""
+        """The Hessian on tangents; its products in PRODUCT_DTYPE unless exact."""
         if exact:
-            return SqDistanceHessian(*self.frame, self.w, self.perp)
+            return SqDistanceHessian(*self.frame, self.w)
         if self._hess is None:
-            self._hess = SqDistanceHessian(*self.frame, self.w, self.perp, PRODUCT_DTYPE)
+            self._hess = SqDistanceHessian(*self.frame, self.w, PRODUCT_DTYPE)
         return self._hess
 
     def where(self, take: torch.Tensor, other: "_Cost") -> "_Cost":
@@ -157,15 +152,16 @@ class _Cost:
 
 def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
     """Steihaug–Toint truncated CG on the model ⟨g,η⟩ + ½⟨η,Hη⟩ within ‖η‖ ≤ Δ,
-    in tangent coordinates (η = X_⊥B, an isometry), batched: every element runs
-    its own CG, stopped elements are frozen. ⟨η,η⟩, ⟨η,d⟩ and ⟨d,d⟩ follow
+    on tangents η (d×p), batched: every element runs its own CG, stopped
+    elements are frozen. ⟨η,η⟩, ⟨η,d⟩ and ⟨d,d⟩ follow
     the usual recurrences (Conn, Gould & Toint 2000, §7.5), so each step costs
     one product and two inner products. The residual target ‖g‖·min(‖g‖^θ, κ)
     (INNER_KAPPA) gives superlinear convergence; below tol/2 it is not needed
     (the next gradient is the residual plus O(‖η‖²)).
-    Returns the coordinates of η, of Hη and the Hessian-vector products used per element."""
+    Returns η, Hη (tangent up to the float32 rounding of the products) and the
+    Hessian-vector products used per element."""
     hess = f.hessian()
-    g = f.perp.transpose(-1, -2) @ f.grad
+    g = f.grad
     eta, heta = torch.zeros_like(g), torch.zeros_like(g)
     r = g.clone()
     rr = _inner(r, r)
@@ -219,8 +215,8 @@ def _trust_region(x, coords, w, tol, max_iter):
             return f, steps, products
         eta, heta, used = _tcg(f, delta, active, tol)
         products += used
-        cand = _Cost.at(grassmann_exp(f.x, f.perp @ eta), coords, w)
-        model = -(_inner(f.perp.transpose(-1, -2) @ f.grad, eta) + 0.5 * _inner(eta, heta))
+        cand = _Cost.at(grassmann_exp(f.x, tangent_projection(f.x, eta)), coords, w)
+        model = -(_inner(f.grad, eta) + 0.5 * _inner(eta, heta))
         # Near convergence both decreases are at rounding level; this keeps ρ ≈ 1 there (Manopt's rule).
         reg = 1e3 * eps * f.cost.abs().clamp_min(1.0)
         rho = (f.cost - cand.cost + reg) / (model + reg)
@@ -238,16 +234,15 @@ def _trust_region(x, coords, w, tol, max_iter):
 
 def _lanczos_min(f: _Cost, steps: int = LANCZOS_STEPS) -> torch.Tensor:
     """Smallest Ritz value of the Riemannian Hessian (exact products) after `steps`
-    Lanczos steps with full reorthogonalisation, in tangent coordinates, from a
-    fixed pseudo-random start (deterministic). An element whose Krylov space
+    Lanczos steps with full reorthogonalisation, on tangents, from a fixed
+    pseudo-random tangent start (deterministic). An element whose Krylov space
     closes early (an invariant subspace: exact Ritz values) keeps its
     tridiagonal block; the unused rows repeat its first Rayleigh quotient,
     which cannot lower the minimum."""
     hess = f.hessian(exact=True)
     gen = torch.Generator().manual_seed(20240601)
-    shape = f.perp.shape[:-2] + (f.perp.shape[-1], f.x.shape[-1])
-    v = torch.randn(shape, generator=gen, dtype=f.x.dtype).to(f.x.device)
-    steps = max(1, min(steps, shape[-2] * shape[-1]))
+    v = tangent_projection(f.x, torch.randn(f.x.shape, generator=gen, dtype=f.x.dtype).to(f.x.device))
+    steps = max(1, min(steps, (f.x.shape[-2] - f.x.shape[-1]) * f.x.shape[-1]))
     v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True)
     basis, alphas, betas = [v], [], []
     closed = torch.zeros_like(f.cost, dtype=torch.bool)
