@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from core.factored import FRAME_MAX_INV_GRAM, dense_svd, frame, module_svd, modules_svd, svd_from_factors
+from core.factored import (FRAME_MAX_INV_GRAM, dense_svd, frame, gram_factored, module_svd, modules_svd,
+                           svd_from_factors)
 from core.lora import LoraModule
 from core.synthetic import random_lora
 
@@ -109,3 +110,43 @@ def test_leading_svd_matches_full_svd_or_declines():
     s[5:] = LEADING_SVD_MIN_RATIO / 10
     m = (q * s) @ q.T
     assert leading_svd(m, 5) is not None and leading_svd(m, 6) is None
+
+
+def test_gram_factored_measures_equal_the_dense_ones():
+    """energy, column basis, factors, column/row factors and projections of
+    scale·a·bᵀ from its two Cholesky factors, against the dense matrix."""
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (50, 70))
+    a[:, 1] += 3 * a[:, 0]                                    # correlated columns: still well conditioned
+    res = gram_factored(a, b, -0.7)
+    dw = -0.7 * a @ b.T
+    assert res is not None and res.rank == 6
+    assert abs(res.energy - float((dw ** 2).sum())) < 1e-12 * float((dw ** 2).sum())
+    basis = res.col_basis
+    assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-13)
+    u = torch.linalg.svd(dw)[0][:, :6]
+    assert torch.allclose(basis @ basis.T, u @ u.T, atol=1e-12)           # the same column space
+    left, right = res.factors()
+    assert torch.allclose(left @ right.T, dw, atol=1e-13)
+    assert torch.allclose(res.col_factor() @ res.col_factor().T, dw @ dw.T, atol=1e-12)
+    assert torch.allclose(res.row_factor() @ res.row_factor().T, dw.T @ dw, atol=1e-12)
+    qu, qv = (torch.linalg.qr(torch.randn(n, 3, generator=g, dtype=torch.float64))[0] for n in (50, 70))
+    proj, cross = res.projected(qu, qv, 2.0)
+    assert torch.allclose(proj, 2.0 * qu.T @ dw @ qv, atol=1e-13)
+    assert torch.allclose(cross, qu.T @ basis, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["rank-deficient down", "rank-deficient up", "nearly dependent", "dead"])
+def test_gram_factored_declines_where_only_an_svd_is_exact(case):
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (50, 70))
+    scale = 1.0
+    if case == "rank-deficient down":
+        b[:, 1] = b[:, 0]                     # ΔW's column space is smaller than span(a)
+    elif case == "rank-deficient up":
+        a[:, 2] = 2 * a[:, 3]
+    elif case == "nearly dependent":
+        b[:, 1] = b[:, 0] + 1e-4 * b[:, 1]
+    else:
+        scale = 0.0
+    assert gram_factored(a, b, scale) is None

@@ -119,6 +119,61 @@ def test_report_fidelity_matches_dense_computation(method):
             assert abs(mod.phi[idx] - phi) < 1e-9
 
 
+def _rank_deficient(base, seed, side):
+    """base's modules with two equal down rows (ΔW's column space smaller than
+    span(up)) or two proportional up columns."""
+    out = LoraFile(f"deficient{seed}.safetensors", base.format, base.family)
+    for name, m in base.modules.items():
+        up, down = m.up.clone(), m.down.clone()
+        if side == "down":
+            down[1] = down[0]
+        else:
+            up[:, 2] = 2 * up[:, 3]
+        out.modules[name] = LoraModule(name, up, down, m.scale, m.rank, m.alpha, m.weight_shape, m.kind)
+    return out
+
+
+@pytest.mark.parametrize("method", ["svd", "linear", "ties", "iso-cts"])
+def test_report_from_gram_blocks_equals_the_svd_path_and_dense(method, monkeypatch):
+    """Sources whose Grams are well conditioned are measured from Cholesky factors
+    of their Gram blocks (no per-source SVD); rank-deficient ones take their SVD.
+    Both give the report the dense definitions give, and the same merge."""
+    import core.merge.basis as basis
+    a = lora(1, rank=6)
+    srcs = [a, related(a, 0.3, 2), _rank_deficient(lora(3, rank=6), 3, "down"),
+            _rank_deficient(related(a, 0.5, 4), 4, "up")]
+    w = [0.4, 0.3, 0.2, 0.3]
+    rank = None if method == "linear" else 4
+    taken = []
+    real = basis.gram_factored
+    monkeypatch.setattr(basis, "gram_factored", lambda *args: taken.append(real(*args)) or taken[-1])
+    fast = merge(srcs, w, method=method, rank=rank, dtype=F64)
+    # per module: the two full-rank sources from their Grams, the two deficient ones by their SVD
+    assert [x is not None for x in taken] == [True, True, False, False] * len(NAMES)
+    monkeypatch.setattr(basis, "gram_factored", lambda *args: None)      # every source by its SVD
+    exact = merge(srcs, w, method=method, rank=rank, dtype=F64)
+    for mf, me in zip(fast.report.modules, exact.report.modules):
+        dm = fast.lora.modules[mf.name].delta()
+        assert rel(dm, exact.lora.modules[me.name].delta()) < 1e-10
+        assert abs(mf.rel_error - me.rel_error) < 1e-12
+        assert mf.advice["advice"] == me.advice["advice"]
+        assert abs(mf.advice["phi"] - me.advice["phi"]) < 1e-10
+        assert abs(mf.advice["max_angle_deg"] - me.advice["max_angle_deg"]) < 1e-6
+        u, s, vh = torch.linalg.svd(dm, full_matrices=False)
+        k = int((s > 1e-10 * s[0]).sum())
+        for idx, src in enumerate(srcs):
+            dw = src.modules[mf.name].delta()
+            energy = float(torch.linalg.matrix_norm(dw) ** 2)
+            kept = float(torch.linalg.matrix_norm(u[:, :k].T @ dw @ vh[:k].T) ** 2) / energy
+            us = dense_svd(src.modules[mf.name])
+            us = us.U[:, :us.effective_rank]           # the deficient ones: 5 directions, not 6
+            phi = float(np.sum(np.cos(subspace_angles(u[:, :k].numpy(), us.numpy())) ** 2)) / min(k, us.shape[1])
+            for got in (mf, me):
+                assert abs(got.energy[idx] - energy) < 1e-10 * energy
+                assert abs(got.kept[idx] - kept) < 1e-9
+                assert abs(got.phi[idx] - phi) < 1e-9
+
+
 # ---------------------------------------------------------------- karcher
 def test_karcher_merge_is_projection_of_sum_onto_mean_subspaces():
     """ΔW_merge = U*U*ᵀ(Σ w_k ΔW_k)V*V*ᵀ with U*, V* the Karcher means of the

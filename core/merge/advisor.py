@@ -34,7 +34,7 @@ def advise(job: Job) -> dict | None:
     best_ratio, phi_max, chance_at, widest = 0.0, 0.0, 1.0, 0.0
     for a in range(len(job.sources)):
         for b in range(a + 1, len(job.sources)):
-            x, y = job.sources[a].svd.U, job.sources[b].svd.U
+            x, y = job.sources[a].form.col_basis, job.sources[b].form.col_basis
             cos = principal_cosines(x, y)
             phi = float((cos ** 2).sum()) / min(x.shape[1], y.shape[1])
             chance = chance_phi(x.shape[1], y.shape[1], job.d_out)

@@ -13,25 +13,46 @@ holds one module's working state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..factored import FactoredSVD, Frame, frame, module_svd, modules_svd, svd_from_factors
+from ..factored import FactoredSVD, Frame, GramFactored, frame, gram_factored, module_svd, modules_svd, svd_from_factors
 from ..lora import LoraFile, LoraModule
 
 
-@dataclass
 class Source:
-    index: int
-    weight: float
-    module: LoraModule
-    svd: FactoredSVD          # exact thin SVD at effective rank, float64 on the compute device;
-                              # in the job's frame coordinates when the job has frames
-    label: str = ""           # the source file's name
+    """A live source of a job: ΔW_k (its weight apart) in the job's frame
+    coordinates when the job has frames, else in the module's space.
+
+    form: what the merges and the report read — energy, column basis, factors
+    (core.factored: FactoredSVD's and GramFactored's shared measures). In frames
+    it is a GramFactored of the source's own columns of the frame coordinates
+    when both its Grams are well conditioned (two r×r Cholesky factors, no
+    SVD), else its exact SVD. svd: its exact thin SVD at effective rank, taken
+    on first use (the rules built on per-source singular vectors: tsv, the
+    means, normalise)."""
+
+    def __init__(self, index: int, weight: float, module: LoraModule, label: str = "",
+                 svd: FactoredSVD | None = None, gram: GramFactored | None = None,
+                 exact: Callable[[], FactoredSVD] | None = None):
+        self.index, self.weight, self.module, self.label = index, weight, module, label
+        self._svd, self.gram, self._exact = svd, gram, exact
+
+    @property
+    def svd(self) -> FactoredSVD:
+        if self._svd is None:
+            res = self._exact()
+            self._svd = res.top(res.effective_rank)
+        return self._svd
+
+    @property
+    def form(self) -> FactoredSVD | GramFactored:
+        return self.gram if self.gram is not None else self.svd
 
     @property
     def rank(self) -> int:
-        return int(self.svd.S.numel())
+        return self.gram.rank if self.gram is not None else int(self.svd.S.numel())
 
 
 @dataclass
@@ -105,7 +126,7 @@ class Job:
             return up, down
         out, inn = self.frames
         xs = stacked(self.members, up.device, self.workspace)    # the buffers' copy when they still hold it
-        return out.lift(up, xs[0]), inn.lift(down.transpose(-1, -2), xs[1]).transpose(-1, -2)
+        return out.lift(up, xs[0]), inn.lift_rows(down, xs[1].T)
 
     def module(self, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
                rank: int | None = None) -> LoraModule:
@@ -161,23 +182,29 @@ def stacked(modules: list[LoraModule], dev: torch.device, work: Workspace) -> tu
     return ups, downs.T
 
 
-def framed_svds(modules: list[LoraModule], dev: torch.device, work: Workspace
-                ) -> tuple[tuple[Frame, Frame], list[FactoredSVD]]:
-    """Frames of the stacked factors and each module's exact SVD in their coordinates."""
+def framed_sources(modules: list[LoraModule], dev: torch.device, work: Workspace
+                   ) -> tuple[tuple[Frame, Frame], list[tuple[GramFactored | None, Callable[[], FactoredSVD]]]]:
+    """Frames of the stacked factors and per module its GramFactored in their
+    coordinates (None when its Grams are near-singular or it is nearly dead)
+    and a function giving its exact SVD there."""
     xs = stacked(modules, dev, work)
     frames = (frame(xs[0]), frame(xs[1]))
-    svds, start = [], 0
+    out, start = [], 0
     for m in modules:
         cols = slice(start, start + m.factor_rank)
-        # both frames' coordinates are upper triangular (Cholesky or QR factor): a source's
-        # columns are zero below row cols.stop, so its QRs run on those rows only
-        rows = slice(0, min(cols.stop, int(frames[0].coords.shape[0]))), \
-            slice(0, min(cols.stop, int(frames[1].coords.shape[0])))
-        res = svd_from_factors(frames[0].coords[rows[0], cols], frames[1].coords[rows[1], cols].T, m.scale)
-        svds.append(FactoredSVD(_pad_rows(res.U, frames[0].coords.shape[0]), res.S,
-                                _pad_rows(res.V, frames[1].coords.shape[0])))
+        a, b = frames[0].coords[:, cols], frames[1].coords[:, cols]
+        out.append((gram_factored(a, b, m.scale), lambda a=a, b=b, m=m, e=cols.stop: _svd_upper(a, b, m.scale, e)))
         start = cols.stop
-    return frames, svds
+    return frames, out
+
+
+def _svd_upper(a: torch.Tensor, b: torch.Tensor, scale: float, stop: int) -> FactoredSVD:
+    """Exact SVD of scale·a·bᵀ for a source's columns a, b of the frame
+    coordinates: both upper triangular (Cholesky or QR factor), so the columns
+    are zero below row `stop` (the source's last column + 1) and its QRs run on
+    those rows only."""
+    res = svd_from_factors(a[:min(stop, a.shape[0])], b[:min(stop, b.shape[0])].T, scale)
+    return FactoredSVD(_pad_rows(res.U, a.shape[0]), res.S, _pad_rows(res.V, b.shape[0]))
 
 
 def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -190,22 +217,29 @@ def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev: torch.device,
             framed: bool, work: Workspace) -> Job | None:
-    """The job for one module: its live sources' SVDs (in frames for several sources of a
+    """The job for one module: its live sources (in frames for several sources of a
     framed method), or None when every source is dead there."""
     modules = [loras[k].modules[name] for k in ks]
     frames = None
+    live = []
     if framed and len(ks) > 1:
-        frames, found = framed_svds(modules, dev, work)
+        frames, found = framed_sources(modules, dev, work)
+        for k, m, (gram, exact) in zip(ks, modules, found):
+            if gram is not None:
+                live.append(Source(k, w[k], m, loras[k].name, gram=gram, exact=exact))
+                continue
+            res = exact()
+            if not res.dead:
+                live.append(Source(k, w[k], m, loras[k].name, svd=res.top(res.effective_rank)))
     else:
-        found = modules_svd(modules, device=dev)
-    live = [Source(k, w[k], m, res.top(res.effective_rank), loras[k].name)
-            for k, m, res in zip(ks, modules, found) if not res.dead]
+        live = [Source(k, w[k], m, loras[k].name, svd=res.top(res.effective_rank))
+                for k, m, res in zip(ks, modules, modules_svd(modules, device=dev)) if not res.dead]
     if not live:
         return None
     if frames is not None and len(live) == 1:     # copied: its SVD in the module's space
         only = live[0]
         res = module_svd(only.module, device=dev)
-        live, frames = [Source(only.index, only.weight, only.module, res.top(res.effective_rank), only.label)], None
+        live, frames = [Source(only.index, only.weight, only.module, only.label, svd=res.top(res.effective_rank))], None
     return Job(name, live[0].module.weight_shape, live, frames=frames,
                members=modules if frames is not None else [], workspace=work if frames is not None else None)
 
@@ -217,6 +251,7 @@ def split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
 
 def target_factors(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ w_k ΔW_k as stacked factors [w_k·U_k·S_k], [V_kᵀ] (exact, effective ranks)."""
-    return (torch.cat([s.weight * s.svd.U * s.svd.S for s in job.sources], 1),
-            torch.cat([s.svd.V.T for s in job.sources], 0))
+    """Σ w_k ΔW_k as stacked factors [w_k·left_k], [right_kᵀ] (exact, effective ranks)."""
+    pairs = [s.form.factors() for s in job.sources]
+    return (torch.cat([s.weight * left for s, (left, _) in zip(job.sources, pairs)], 1),
+            torch.cat([right.T for _, right in pairs], 0))

@@ -46,13 +46,13 @@ def column_range(x: torch.Tensor) -> torch.Tensor:
 
 def core_basis(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
     """The intrinsic U (n_out×R_u) and V (n_in×R_v) of the module's weighted sources."""
-    return (column_range(torch.cat([s.weight * s.svd.U * s.svd.S for s in job.sources], 1)),
-            column_range(torch.cat([s.weight * s.svd.V * s.svd.S for s in job.sources], 1)))
+    return (column_range(torch.cat([s.weight * s.form.col_factor() for s in job.sources], 1)),
+            column_range(torch.cat([s.weight * s.form.row_factor() for s in job.sources], 1)))
 
 
 def core_coordinates(job: Job, u: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
     """M_k = Uᵀ·T_k·V, from each source's SVD."""
-    return [((u.T @ s.svd.U) * (s.weight * s.svd.S)) @ (s.svd.V.T @ v) for s in job.sources]
+    return [s.form.projected(u, v, s.weight)[0] for s in job.sources]
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,9 @@ def iso_cts(job: Job, opts: Options) -> Merged:
     us, ss, vs = [uc], [sc], [vc]
     if per:
         for s in job.sources:
-            left = s.weight * s.svd.U * s.svd.S
-            rest = svd_from_factors(left - uc @ (uc.T @ left), s.svd.V.T)   # (I − U_c U_cᵀ)·T_k
+            left, right = s.form.factors()
+            left = s.weight * left
+            rest = svd_from_factors(left - uc @ (uc.T @ left), right.T)   # (I − U_c U_cᵀ)·T_k
             rest = rest.top(min(per, rest.effective_rank))
             us.append(rest.U), ss.append(rest.S), vs.append(rest.V)
     s_all = torch.cat(ss)

@@ -57,9 +57,8 @@ def fidelity(job: Job, res: Merged, group: str, status: str) -> ModuleReport | N
         u, v = merged.U, merged.V
     kept, phis, energy = {}, {}, {}
     for s in job.sources:
-        cross = u.T @ s.svd.U                  # φ's product too
-        proj = (cross * s.svd.S) @ (s.svd.V.T @ v)
-        energy[s.index] = float((s.svd.S ** 2).sum())
+        proj, cross = s.form.projected(u, v)   # Uᵀ·ΔW_k·V and Uᵀ·(ΔW_k's column basis)
+        energy[s.index] = s.form.energy
         kept[s.index] = float((proj ** 2).sum()) / energy[s.index]
         phis[s.index] = float(phi_from_product(cross))
     rel = error / target if target > 0 else (0.0 if error == 0 else None)
