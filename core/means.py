@@ -83,17 +83,20 @@ class Gram:
                                       torch.tensor(self.ranks, device=w.device))
         return w[..., idx]
 
-    def eig(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def eig(self, w: torch.Tensor, dtype: torch.dtype | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eigenvalues λ (…, R), descending, of Σ w_k U_kU_kᵀ, the eigenvectors
-        (…, R, R) of D^½ZᵀZD^½ and √diag(D)."""
+        (…, R, R) of D^½ZᵀZD^½ and √diag(D). dtype: the eigensolver's precision
+        (default the Gram's; results are returned in the Gram's)."""
         sq = self.column_weights(w).clamp_min(0).sqrt()
-        lam, vec = torch.linalg.eigh(sq.unsqueeze(-1) * self.gram * sq.unsqueeze(-2))
-        return lam.flip(-1).clamp_min(0), vec.flip(-1), sq
+        a = sq.unsqueeze(-1) * self.gram * sq.unsqueeze(-2)
+        lam, vec = torch.linalg.eigh(a if dtype is None else a.to(dtype))
+        return lam.to(a.dtype).flip(-1).clamp_min(0), vec.to(a.dtype).flip(-1), sq
 
-    def top(self, w: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top(self, w: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-p eigenvectors of Σ w_k U_kU_kᵀ as R×p coefficients on Z (so the basis is
-        Z·coef, orthonormal) and all eigenvalues, descending."""
-        lam, vec, sq = self.eig(w)
+        Z·coef, orthonormal) and all eigenvalues, descending (dtype: as in eig)."""
+        lam, vec, sq = self.eig(w, dtype)
         if p > lam.shape[-1]:
             raise LoraError(f"rank {p} is more than the {lam.shape[-1]} directions the sources span")
         tiny = torch.finfo(lam.dtype).eps * lam[..., :1].clamp_min(torch.finfo(lam.dtype).tiny)
@@ -138,10 +141,10 @@ class FlagMean:
 EIGENGAP_RTOL = 1e-8
 
 
-def eigengap(lam: torch.Tensor, p: int) -> torch.Tensor:
-    """λ_p > λ_{p+1} relative to λ_1 (EIGENGAP_RTOL): the rank-p flag mean is unique."""
+def eigengap(lam: torch.Tensor, p: int, rtol: float = EIGENGAP_RTOL) -> torch.Tensor:
+    """λ_p > λ_{p+1} relative to λ_1 (rtol; the default: the rank-p flag mean is unique)."""
     nxt = lam[..., p] if lam.shape[-1] > p else torch.zeros_like(lam[..., 0])
-    return (lam[..., p - 1] - nxt) / lam[..., 0] > EIGENGAP_RTOL
+    return (lam[..., p - 1] - nxt) / lam[..., 0] > rtol
 
 
 def flag_mean(bases, weights, p: int | None = None) -> FlagMean:

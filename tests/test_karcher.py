@@ -261,6 +261,36 @@ def test_spread_mean_invariant_to_order_and_reparametrised_factors():
     assert max_angle(karcher_mean(bases @ rot, w).mean, ref.mean) < 1e-7
 
 
+def test_float32_start_reaches_the_float64_start_mean_and_small_gaps_start_in_float64(monkeypatch):
+    import core.means as means_module
+    used = []
+    real = means_module.Gram.top
+
+    def top(self, w, p, dtype=None):
+        used.append(dtype)
+        return real(self, w, p, dtype)
+    monkeypatch.setattr(means_module.Gram, "top", top)
+    close = near(orth(80, 6, seed=11), 0.1, 4, seed=12)                # eigen-gap ≈ 1: float32 start
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64)
+    fast = karcher_mean(close, w)
+    assert used == [torch.float32]
+    monkeypatch.setattr(karcher_module, "START_GAP", math.inf)           # forces the float64 start
+    used.clear()
+    slow = karcher_mean(close, w)
+    assert used == [torch.float32, None]
+    assert bool(fast.converged) and int(fast.iterations) == int(slow.iterations)
+    assert max_angle(fast.mean, slow.mean) < 1e-10
+    assert float((fast.consensus - slow.consensus).abs().max()) < 1e-6
+    monkeypatch.undo()
+    monkeypatch.setattr(means_module.Gram, "top", top)
+    used.clear()
+    spread = torch.stack([orth(400, 3, seed=40 + i) for i in range(4)])  # unrelated: relative gap 0.017
+    even = torch.ones(4, dtype=F64)
+    res = karcher_mean(spread, even)
+    assert used == [torch.float32, None] and bool(res.converged)
+    assert float((res.consensus - flag_mean(spread, even).consensus).abs().max()) < 1e-12
+
+
 def test_span_coordinates_give_the_full_space_result(monkeypatch):
     bases = torch.stack([orth(40, 3, seed=70 + i) for i in range(3)])
     w = torch.tensor([1.0, 2.0, 1.5], dtype=F64)
