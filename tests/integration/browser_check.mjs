@@ -11,28 +11,16 @@
 //                  pick, result node): load the template, pick the files, queue it,
 //                  time it, screenshot the graph and the result node; then open
 //                  the template browser on the pack's category and screenshot it.
-import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
-
-const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
-const { chromium } = require("playwright-core");
+import { launch, openComfy } from "./browser.mjs";
 
 const [url, outDir, mode, ...files] = process.argv.slice(2);
 if (!url || !outDir || !mode) {
   console.error("usage: node browser_check.mjs <comfy url> <out dir> export|check [files…]");
   process.exit(2);
 }
-fs.mkdirSync(outDir, { recursive: true });
-
-const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run"];
-const userDir = fs.mkdtempSync(path.join(outDir, "chromium-profile-"));
-const context = await chromium.launchPersistentContext(userDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true, args: FLAGS, viewport: { width: 1800, height: 1100 },
-});
-const page = context.pages()[0] || (await context.newPage());
+const { page, close } = await launch(outDir, { width: 1800, height: 1100 });
 const consoleErrors = [];
 page.on("console", (msg) => {
   if (msg.type() === "error") consoleErrors.push({ text: msg.text(), url: msg.location()?.url || "" });
@@ -48,8 +36,6 @@ function check(cond, what, data = {}) {
 }
 
 try {
-  // a returning user: no first-run template browser over the canvas
-  await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
   const templates = await (await fetch(`${url}/api/workflow_templates`)).json();
   const expected = JSON.parse(process.env.GRASSMANN_TEMPLATES || "[]").sort();
   // export writes the UI files the template browser lists: nothing to check before it
@@ -61,14 +47,7 @@ try {
     const type = thumb.headers.get("content-type") || "";
     check(thumb.ok && type.includes("jpeg"), `${name}: thumbnail served`, { status: thumb.status, type });
   }
-  await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
-  await page.waitForFunction(() => {
-    const app = window.app ?? window.comfyAPI?.app?.app;
-    return app && app.isGraphReady && app.canvas && window.LiteGraph?.registered_node_types?.["GrassmannLoRALoad"];
-  }, null, { timeout: 120000 });
-  // let the start-up workflow finish loading before we replace the graph
-  await page.waitForLoadState("networkidle", { timeout: 60000 }).catch(() => {});
-  await page.waitForTimeout(1500);
+  await openComfy(page, url, "GrassmannLoRALoad");
   const extLoaded = await page.evaluate(() =>
     performance.getEntriesByType("resource").some((e) => e.name.includes("/extensions/grassmann_lora/grassmann_lora.js")));
   check(extLoaded, "web/grassmann_lora.js was loaded by the front end");
@@ -352,8 +331,7 @@ try {
   await page.screenshot({ path: path.join(outDir, "failure.png") }).catch(() => {});
 } finally {
   fs.writeFileSync(path.join(outDir, `report-${mode}.json`), JSON.stringify(report, null, 1));
-  await context.close();
-  fs.rmSync(userDir, { recursive: true, force: true });
+  await close();
 }
 process.exit(failed ? 1 : 0);
 

@@ -3,31 +3,15 @@
 // ComfyUI and passes the API graph (already shrunk to test size).
 //
 //   node fidelity_screenshot.mjs <comfy url> <api graph json> <out png>
-import { createRequire } from "node:module";
 import fs from "node:fs";
 import path from "node:path";
+import { launch, openComfy } from "./browser.mjs";
 
-const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
-const { chromium } = require("playwright-core");
 const [url, graphFile, outPng] = process.argv.slice(2);
-const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run"];
-const userDir = fs.mkdtempSync(path.join(path.dirname(outPng), "chromium-profile-"));
-const context = await chromium.launchPersistentContext(userDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true, args: FLAGS, viewport: { width: 1100, height: 1200 },
-});
+const { page, close } = await launch(path.dirname(outPng), { width: 1100, height: 1200 });
 let rc = 1;
 try {
-  const page = context.pages()[0] || (await context.newPage());
-  await fetch(`${url}/api/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
-  await page.goto(url, { waitUntil: "domcontentloaded", timeout: 120000 });
-  await page.waitForFunction(() => {
-    const app = window.app ?? window.comfyAPI?.app?.app;
-    return app && app.isGraphReady && app.canvas && window.LiteGraph?.registered_node_types?.["GrassmannLoRAMergeFidelity"];
-  }, null, { timeout: 120000 });
-  await page.waitForLoadState("networkidle", { timeout: 60000 }).catch(() => {});
-  await page.waitForTimeout(1500);
+  await openComfy(page, url, "GrassmannLoRAMergeFidelity");
   const api = JSON.parse(fs.readFileSync(graphFile, "utf8"));
   const run = await page.evaluate(async (api) => {
     const app = window.app ?? window.comfyAPI.app.app;
@@ -63,7 +47,6 @@ try {
   await page.screenshot({ path: outPng, clip: { x: 55, y: 95, width: 1000, height: 1080 } });
   rc = run.kind === "success" ? 0 : 1;
 } finally {
-  await context.close();
-  fs.rmSync(userDir, { recursive: true, force: true });
+  await close();
 }
 process.exit(rc);

@@ -4,22 +4,11 @@
 // buttons), waits for the Merge button, shows the Merge sub-tab and, given LoRA names, merges
 // them from the UI (for a screenshot with a result; a failure there is only logged),
 // then screenshots the page.
-import { createRequire } from "node:module";
-import fs from "node:fs";
 import path from "node:path";
+import { launch } from "./browser.mjs";
 
-const require = createRequire(path.join(process.env.PLAYWRIGHT_CORE_DIR || process.cwd(), "noop.js"));
-const { chromium } = require("playwright-core");
 const [url, shot, ...loras] = process.argv.slice(2);
-fs.mkdirSync(path.dirname(shot), { recursive: true });
-const userDir = fs.mkdtempSync(path.join(path.dirname(shot), "chromium-profile-"));
-const context = await chromium.launchPersistentContext(userDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium", headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run"],
-  viewport: { width: 1500, height: 1000 },
-});
-const page = context.pages()[0] || (await context.newPage());
+const { page, close } = await launch(path.dirname(shot), { width: 1500, height: 1000 });
 const errors = [];
 page.on("pageerror", (e) => errors.push(`${e}\n${e.stack || ""}`));
 let code = 0;
@@ -60,6 +49,5 @@ try {
   await page.screenshot({ path: shot }).catch(() => {});
   code = 1;
 }
-await context.close();
-fs.rmSync(userDir, { recursive: true, force: true });
+await close();
 process.exit(code);
