@@ -34,7 +34,9 @@ try {
       setTimeout(() => resolve({ kind: "timeout" }), 1500000);
     });
     await app.queuePrompt(0, 1);
-    const r = await done;
+    // a graph the server refuses never runs: no execution event would come
+    const refused = app.lastNodeErrors && Object.keys(app.lastNodeErrors).length ? app.lastNodeErrors : null;
+    const r = refused ? { kind: "error", detail: refused } : await done;
     await new Promise((res) => setTimeout(res, 2500));
     fid.size = [900, Math.max(1300, fid.size[1])];
     app.canvas.ds.scale = 0.75;

@@ -20,7 +20,7 @@ import example_graphs as eg  # noqa: E402
 
 def small_graph() -> dict:
     """Workflow 4 at 64×64, one sampling step, one seed × two noise levels."""
-    g = eg.merge_fidelity()
+    g = eg.runnable(eg.MERGE_FIDELITY)     # the shipped graph leaves the files to pick
     g["10"]["inputs"].update(width=64, height=64)
     for k in range(len(eg.MERGE_FIDELITY_MERGES)):
         g[str(22 + 10 * k)]["inputs"].update(steps=1, cfg=1.0)
