@@ -118,7 +118,7 @@ def test_gram_factored_measures_equal_the_dense_ones():
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (50, 70))
     a[:, 1] += 3 * a[:, 0]                                    # correlated columns: still well conditioned
-    res = gram_factored(a, b, -0.7)
+    res = gram_factored(a[None], b[None], [-0.7])[0]
     dw = -0.7 * a @ b.T
     assert res is not None and res.rank == 6
     assert abs(res.energy - float((dw ** 2).sum())) < 1e-12 * float((dw ** 2).sum())
@@ -149,4 +149,7 @@ def test_gram_factored_declines_where_only_an_svd_is_exact(case):
         b[:, 1] = b[:, 0] + 1e-4 * b[:, 1]
     else:
         scale = 0.0
-    assert gram_factored(a, b, scale) is None
+    good = torch.randn(50, 6, generator=g, dtype=torch.float64), torch.randn(70, 6, generator=g, dtype=torch.float64)
+    # batched with a well-conditioned one: only the bad one declines
+    got = gram_factored(torch.stack([good[0], a]), torch.stack([good[1], b]), [1.0, scale])
+    assert got[0] is not None and got[1] is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import torch
 
 from ..grassmann import principal_cosines
 from ..measures import chance_phi
@@ -32,15 +33,20 @@ def advise(job: Job) -> dict | None:
     if len(job.sources) < 2:
         return None
     best_ratio, phi_max, chance_at, widest = 0.0, 0.0, 1.0, 0.0
-    for a in range(len(job.sources)):
-        for b in range(a + 1, len(job.sources)):
-            x, y = job.sources[a].form.col_basis, job.sources[b].form.col_basis
-            cos = principal_cosines(x, y)
-            phi = float((cos ** 2).sum()) / min(x.shape[1], y.shape[1])
-            chance = chance_phi(x.shape[1], y.shape[1], job.d_out)
-            if phi / chance >= best_ratio:
-                best_ratio, phi_max, chance_at = phi / chance, phi, chance
-            widest = max(widest, math.acos(min(1.0, float(cos[-1]))))
+    bases = [s.form.col_basis for s in job.sources]
+    pairs = [(a, b) for a in range(len(bases)) for b in range(a + 1, len(bases))]
+    if len({tuple(x.shape) for x in bases}) == 1:      # equal ranks: every pair in one batched call
+        stack = torch.stack(bases)
+        cosines = principal_cosines(stack[[a for a, _ in pairs]], stack[[b for _, b in pairs]])
+    else:
+        cosines = [principal_cosines(bases[a], bases[b]) for a, b in pairs]
+    for (a, b), cos in zip(pairs, cosines):
+        x, y = bases[a], bases[b]
+        phi = float((cos ** 2).sum()) / min(x.shape[1], y.shape[1])
+        chance = chance_phi(x.shape[1], y.shape[1], job.d_out)
+        if phi / chance >= best_ratio:
+            best_ratio, phi_max, chance_at = phi / chance, phi, chance
+        widest = max(widest, math.acos(min(1.0, float(cos[-1]))))
     advice = ("karcher" if widest < CLOSE_ANGLE else
               "ties/tsv/iso" if best_ratio > OVERLAP_TIMES else "linear")
     return {"phi": phi_max, "chance": chance_at, "max_angle_deg": math.degrees(widest), "advice": advice}

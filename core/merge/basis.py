@@ -189,13 +189,18 @@ def framed_sources(modules: list[LoraModule], dev: torch.device, work: Workspace
     and a function giving its exact SVD there."""
     xs = stacked(modules, dev, work)
     frames = (frame(xs[0]), frame(xs[1]))
-    out, start = [], 0
-    for m in modules:
-        cols = slice(start, start + m.factor_rank)
-        a, b = frames[0].coords[:, cols], frames[1].coords[:, cols]
-        out.append((gram_factored(a, b, m.scale), lambda a=a, b=b, m=m, e=cols.stop: _svd_upper(a, b, m.scale, e)))
-        start = cols.stop
-    return frames, out
+    ranks = [m.factor_rank for m in modules]
+    bounds = [sum(ranks[:k]) for k in range(len(ranks) + 1)]
+    coords = [f.coords for f in frames]
+    if len(set(ranks)) == 1:                     # the usual case: one batched call for all sources
+        grams = gram_factored(*(c.reshape(c.shape[0], len(ranks), ranks[0]).permute(1, 0, 2) for c in coords),
+                              [m.scale for m in modules])
+    else:
+        grams = [gram_factored(*(c[None, :, i:j] for c in coords), [m.scale])[0]
+                 for m, i, j in zip(modules, bounds, bounds[1:])]
+    exact = [lambda m=m, i=i, j=j: _svd_upper(coords[0][:, i:j], coords[1][:, i:j], m.scale, j)
+             for m, i, j in zip(modules, bounds, bounds[1:])]
+    return frames, list(zip(grams, exact))
 
 
 def _svd_upper(a: torch.Tensor, b: torch.Tensor, scale: float, stop: int) -> FactoredSVD:
