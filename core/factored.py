@@ -55,6 +55,11 @@ class FactoredSVD:
         """Orthonormal basis of the column space."""
         return self.U
 
+    @property
+    def row_basis(self) -> torch.Tensor:
+        """Orthonormal basis of the row space."""
+        return self.V
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left, right) with ΔW = left·rightᵀ."""
         return self.U * self.S, self.V
@@ -109,6 +114,10 @@ class GramFactored:
     @cached_property
     def col_basis(self) -> torch.Tensor:
         return self.a @ self.inv_a.T
+
+    @cached_property
+    def row_basis(self) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.l_b, self.b.T, upper=False).T
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale * self.a, self.b

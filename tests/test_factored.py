@@ -113,7 +113,7 @@ def test_leading_svd_matches_full_svd_or_declines():
 
 
 def test_gram_factored_measures_equal_the_dense_ones():
-    """energy, column basis, factors, column/row factors and projections of
+    """energy, column and row bases, factors, column/row factors and projections of
     scale·a·bᵀ from its two Cholesky factors, against the dense matrix."""
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (50, 70))
@@ -126,6 +126,10 @@ def test_gram_factored_measures_equal_the_dense_ones():
     assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-13)
     u = torch.linalg.svd(dw)[0][:, :6]
     assert torch.allclose(basis @ basis.T, u @ u.T, atol=1e-12)           # the same column space
+    rows = res.row_basis
+    v = torch.linalg.svd(dw)[2][:6].T
+    assert torch.allclose(rows.T @ rows, torch.eye(6, dtype=torch.float64), atol=1e-13)
+    assert torch.allclose(rows @ rows.T, v @ v.T, atol=1e-12)             # the same row space
     left, right = res.factors()
     assert torch.allclose(left @ right.T, dw, atol=1e-13)
     assert torch.allclose(res.col_factor() @ res.col_factor().T, dw @ dw.T, atol=1e-12)

@@ -39,12 +39,20 @@ def _weights(job: Job, like: torch.Tensor) -> torch.Tensor:
 
 
 def _spaces(job: Job, side: str) -> list[torch.Tensor]:
+    """Each source's singular vectors (ordered: karcher takes the top p)."""
     return [s.svd.U if side == "U" else s.svd.V for s in job.sources]
+
+
+def _whole_spaces(job: Job, side: str) -> list[torch.Tensor]:
+    """An orthonormal basis of each source's whole column or row space: the chordal
+    rules see only the projectors, so no per-source SVD is needed where the source
+    is measured from its Grams."""
+    return [s.form.col_basis if side == "U" else s.form.row_basis for s in job.sources]
 
 
 def _consensus(job: Job, side: str) -> torch.Tensor:
     """Eigenvalues of Σ w_k U_kU_kᵀ over the sources' whole effective-rank spaces, descending."""
-    spaces = _spaces(job, side)
+    spaces = _whole_spaces(job, side)
     return flag_mean(spaces, _weights(job, spaces[0]), 1).consensus
 
 
@@ -66,7 +74,7 @@ def _consensus_stats(consensus: torch.Tensor, p: int) -> dict:
 
 def _merged(job: Job, u: torch.Tensor, v: torch.Tensor, stats: dict) -> Merged:
     """The core of the weighted sources between the means, its SVD and the exact error."""
-    core = sum(s.weight * ((u.T @ s.svd.U) * s.svd.S) @ (s.svd.V.T @ v) for s in job.sources)
+    core = sum(s.form.projected(u, v, s.weight)[0] for s in job.sources)
     pp, ss, qh = torch.linalg.svd(core)
     known = FactoredSVD(u @ pp, ss, v @ qh.T)
     # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation);
@@ -123,7 +131,7 @@ def _chordal_means(job: Job, opts: Options, mean) -> Merged:
     p = _rank(job, opts, cons)
     means, stats = {}, {}
     for side in ("U", "V"):
-        spaces = _spaces(job, side)
+        spaces = _whole_spaces(job, side)
         means[side], lam, angle, figures = mean(spaces, _weights(job, spaces[0]), p)
         angle = math.degrees(float(angle))
         stats[side] = {"grad_norm": 0.0, "unique": angle < 45.0, "max_angle_deg": angle, **figures,
