@@ -72,6 +72,10 @@ PRODUCT_DTYPE = torch.float32
 # ~1e-7); below it the start is taken in float64, since a small gap makes the start, and
 # possibly the critical point reached, sensitive to rounding (order invariance).
 START_GAP = 0.1
+# A candidate's log frame tries log_frame's eigh route (grassmann.CLOSE_MIN_COS) when every
+# angle at the current iterate is below this: a step seldom moves an angle from 1.2 past
+# 1.47 rad, and where one does the route sees it and takes the SVD.
+CLOSE_ANGLE = 1.2
 LANCZOS_STEPS = 24            # Hessian-vector products for the smallest-eigenvalue estimate
 DETERMINISTIC_CHOICE = (
     "two sources: the point at fraction t = w2/(w1+w2) on the geodesic from the first "
@@ -138,8 +142,9 @@ class _Cost:
         self._hess = None
 
     @classmethod
-    def at(cls, x: torch.Tensor, coords: torch.Tensor, w: torch.Tensor) -> "_Cost":
-        return cls(x, log_frame(x.unsqueeze(-3), coords), w)
+    def at(cls, x: torch.Tensor, coords: torch.Tensor, w: torch.Tensor, close: bool = False) -> "_Cost":
+        """close: every source is expected well within π/2 of x (log_frame's eigh route)."""
+        return cls(x, log_frame(x.unsqueeze(-3), coords, close), w)
 
     def hessian(self, exact: bool = False) -> SqDistanceHessian:
         """The Hessian on tangents; its products in PRODUCT_DTYPE unless exact."""
@@ -205,10 +210,11 @@ def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
     return eta, heta, products
 
 
-def _trust_region(x, coords, w, tol, max_iter):
+def _trust_region(x, coords, w, tol, max_iter, close: bool = False):
     """Riemannian trust-region Newton iteration (batched). Returns the final
-    _Cost, outer steps and Hessian-vector products per element."""
-    f = _Cost.at(x, coords, w)
+    _Cost, outer steps and Hessian-vector products per element. close: the
+    start is expected near every source (log_frame's eigh route)."""
+    f = _Cost.at(x, coords, w, close)
     p = x.shape[-1]
     delta_max = math.sqrt(p) * math.pi / 2        # the diameter of Gr(p, ·)
     delta = torch.full_like(f.cost, delta_max / 8)
@@ -221,7 +227,8 @@ def _trust_region(x, coords, w, tol, max_iter):
             return f, steps, products
         eta, heta, used = _tcg(f, delta, active, tol)
         products += used
-        cand = _Cost.at(grassmann_exp(f.x, tangent_projection(f.x, eta)), coords, w)
+        cand = _Cost.at(grassmann_exp(f.x, tangent_projection(f.x, eta)), coords, w,
+                        bool((f.theta.amax() < CLOSE_ANGLE).all()))
         model = -(_inner(f.grad, eta) + 0.5 * _inner(eta, heta))
         # Near convergence both decreases are at rounding level; this keeps ρ ≈ 1 there (Manopt's rule).
         reg = 1e3 * eps * f.cost.abs().clamp_min(1.0)
@@ -325,10 +332,12 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
     span, coords = _span_coordinates(bases)
     p = bases.shape[-1]
     gram = Gram.of(coords)
+    gapped = False
     if distance == "geodesic" and coords.dtype == torch.float64:
         # only a start (and the reported consensus): float32 eigh, ≈2.5× faster at R = 256
         coef, consensus = gram.top(w, p, torch.float32)
-        if not bool(eigengap(consensus, p, START_GAP).all()):
+        gapped = bool(eigengap(consensus, p, START_GAP).all())
+        if not gapped:
             coef, consensus = gram.top(w, p)
     else:
         coef, consensus = gram.top(w, p)
@@ -347,7 +356,7 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
             u1, u2 = coords[..., 0, :, :], coords[..., 1, :, :]
             x = grassmann_exp(u1, w[..., 1, None, None] * grassmann_log(u1, u2))
             max_iter = 0
-        f, steps, products = _trust_region(x, coords, w, tol, max_iter)
+        f, steps, products = _trust_region(x, coords, w, tol, max_iter, gapped)
         x, gnorm = f.x, f.gnorm
         lower = hessian_lower_bound(f.theta, w)
         # the Weyl bound certifies most close sources: Lanczos only where it cannot

@@ -56,6 +56,42 @@ def test_exp_returns_orthonormal_basis_and_batched_equals_loop():
         assert max_angle(ex[i], y[i]) < 1e-9
 
 
+def planted(x, thetas, seed):
+    """A subspace at the given principal angles from x (random principal vectors)."""
+    d, p = x.shape
+    g = torch.Generator().manual_seed(seed)
+    rot = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=F64))[0]
+    perp = torch.linalg.qr(torch.randn(d, p, generator=g, dtype=F64) - x @ (x.T @ torch.randn(d, p, generator=g, dtype=F64)))[0]
+    perp = torch.linalg.qr(perp - x @ (x.T @ perp))[0]
+    t = torch.tensor(thetas, dtype=F64)
+    return (x @ rot) * torch.cos(t) + perp * torch.sin(t)
+
+
+@pytest.mark.parametrize("thetas", [[1e-9, 0.1, 0.1, 0.1 + 1e-9, 0.3, 1.4],   # tiny, repeated, near-repeated
+                                    [0.2, 0.5, 0.7, 0.9, 1.1, 1.3]])
+def test_close_log_frame_equals_the_svd_route(thetas):
+    x = orth(40, 6, seed=5)
+    ys = torch.stack([planted(x, thetas, seed=6), near(x, 0.2, 1, seed=7)[0]])
+    ref = log_frame(x.unsqueeze(0), ys)
+    got = log_frame(x.unsqueeze(0), ys, close=True)
+    assert torch.allclose(got[1], ref[1], atol=1e-13, rtol=0)                  # angles
+    assert torch.allclose(got[1][0], torch.tensor(thetas, dtype=F64), atol=1e-13, rtol=0)
+    logs = [(e * t.unsqueeze(-2)) @ p_.transpose(-1, -2) for p_, t, e in (ref, got)]
+    assert torch.allclose(logs[1], logs[0], atol=1e-13, rtol=0)                 # the Log maps
+    assert torch.allclose(got[0].transpose(-1, -2) @ got[0], torch.eye(6, dtype=F64).expand(2, 6, 6), atol=1e-13)
+    hess = [SqDistanceHessian(*frame, torch.tensor([0.3, 0.7], dtype=F64)) for frame in (ref, got)]
+    eta = tangent(x, seed=8, scale=1.0)
+    assert torch.allclose(hess[1](eta), hess[0](eta), atol=1e-12, rtol=0)
+
+
+def test_close_log_frame_takes_the_svd_near_a_right_angle():
+    x = orth(40, 6, seed=5)
+    far = planted(x, [0.1, 0.2, 0.3, 0.4, 0.5, 1.5], seed=9).unsqueeze(0)      # cos 1.5 = 0.07 < CLOSE_MIN_COS
+    ref = log_frame(x.unsqueeze(0), far)
+    got = log_frame(x.unsqueeze(0), far, close=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 # ---------------------------------------------------------------- Hessian of ½Σ w_k d²
 def dense_hessians(x, ys, w):
     """(ours, reference) as matrices in an orthonormal basis of the tangent space at x;
