@@ -238,3 +238,31 @@ def test_cli_node_and_report_show_the_method_table(tmp_path, capsys):
         assert main(["merge", *paths, "-o", str(tmp_path / "x.safetensors"), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_polar_from_the_gram_or_the_svd():
+    """polar(): the Gram's eigendecomposition for a well-conditioned X, the SVD
+    otherwise (rank-deficient: orthonormal flag off, nothing outside range(X))."""
+    from core.merge.core_space import POLAR_MIN_RATIO, polar
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 12, generator=g, dtype=F64)
+    ill = x * torch.logspace(0, -3, 12, dtype=F64)                 # κ ≈ 1e3 > 1/POLAR_MIN_RATIO
+    deficient = torch.cat([x[:, :6], x[:, :6]], 1)
+    for m, full in ((x, True), (ill, True), (deficient, False)):
+        w, ok = polar(m)
+        assert ok == full
+        assert rel(w, dense_polar(m)) < 1e-12
+    assert 1 / POLAR_MIN_RATIO < 1e3
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_core_rule_truncation_is_the_tail_of_its_full_result(method):
+    """ties/dare at rank p (top-p triplets of the merged core by one eigh): the
+    rank-p part of the full result, truncation figure ‖S[p:]‖/‖S‖ of its spectrum."""
+    srcs = sources()
+    full = merge(srcs, W, method=method, rank=13, seed=5, dtype=F64)      # Σ r_k = 4 + 4 + 5
+    cut = merge(srcs, W, method=method, rank=5, seed=5, dtype=F64)
+    for k, name in enumerate(NAMES):
+        u, s, v = dense_svd(full.lora.modules[name].delta())
+        assert rel(cut.lora.modules[name].delta(), (u[:, :5] * s[:5]) @ v[:, :5].T) < 1e-9
+        assert cut.report.modules[k].truncation == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-9)

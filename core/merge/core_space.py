@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from ..factored import RANK_RTOL, FactoredSVD, svd_from_factors
+from ..factored import RANK_RTOL, FactoredSVD, leading_svd, svd_from_factors
 from .basis import Job, Merged
 from .plan import Options
 from .ties_dare import elementwise
-from .truncate import finish
+from .truncate import finish, finish_core
 
 ISO_CTS_COMMON = 0.8        # share of the merge rank the common subspace takes (the paper's default)
 
@@ -55,17 +55,23 @@ def core_coordinates(job: Job, u: torch.Tensor, v: torch.Tensor) -> list[torch.T
     return [s.form.projected(u, v, s.weight)[0] for s in job.sources]
 
 
-def polar(x: torch.Tensor) -> torch.Tensor:
-    """X(XᵀX)^−½ over X's nonzero spectrum (W·Zᵀ from X = W·Σ·Zᵀ): orthonormal
-    columns when X has full column rank, never a direction outside range(X)."""
+# polar() takes the Gram's eigendecomposition when X is this well conditioned
+# (σ_min ≥ POLAR_MIN_RATIO·σ_max): X·Z·Λ^−½·Zᵀ then carries errors ~u·κ(X)² ≤
+# 1e-12, at about half an SVD's cost; else the SVD.
+POLAR_MIN_RATIO = 1e-2
+
+
+def polar(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """X(XᵀX)^−½ over X's nonzero spectrum (W·Zᵀ from X = W·Σ·Zᵀ), and whether
+    its columns are orthonormal (X has full column rank); never a direction
+    outside range(X)."""
+    if x.shape[0] >= x.shape[1]:
+        lam, z = torch.linalg.eigh(x.T @ x)
+        if float(lam[0]) >= POLAR_MIN_RATIO ** 2 * float(lam[-1]) > 0:
+            return (x @ (z * lam.rsqrt())) @ z.T, True
     w, s, zh = torch.linalg.svd(x, full_matrices=False)
     live = s > RANK_RTOL * s[0]
-    return w[:, live] @ zh[live]
-
-
-def _in_core(job: Job, u: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> FactoredSVD:
-    p, s, qh = torch.linalg.svd(m, full_matrices=False)
-    return FactoredSVD(u @ p, s, v @ qh.T)
+    return w[:, live] @ zh[live], bool(live.all()) and x.shape[0] >= x.shape[1]
 
 
 def ties_core(job: Job, opts: Options) -> Merged:
@@ -78,7 +84,7 @@ def dare_core(job: Job, opts: Options) -> Merged:
 
 def _elementwise_core(job: Job, opts: Options, rule: str) -> Merged:
     u, v = core_basis(job)
-    return finish(job, _in_core(job, u, elementwise(rule, core_coordinates(job, u, v), job, opts), v), opts)
+    return finish_core(job, u, elementwise(rule, core_coordinates(job, u, v), job, opts), v, opts)
 
 
 def tsv(job: Job, opts: Options) -> Merged:
@@ -88,7 +94,8 @@ def tsv(job: Job, opts: Options) -> Merged:
         ps.append(s.svd.U[:, :r] * (1.0 if s.weight >= 0 else -1.0))    # T_k's own SVD: sign in P_k
         ss.append(abs(s.weight) * s.svd.S[:r])
         qs.append(s.svd.V[:, :r])
-    return finish(job, FactoredSVD(polar(torch.cat(ps, 1)), torch.cat(ss), polar(torch.cat(qs, 1))), opts)
+    (pu, u_ok), (pv, v_ok) = polar(torch.cat(ps, 1)), polar(torch.cat(qs, 1))
+    return finish(job, FactoredSVD(pu, torch.cat(ss), pv), opts, orthonormal=u_ok and v_ok)
 
 
 def iso_c(job: Job, opts: Options) -> Merged:
@@ -105,11 +112,20 @@ def iso_cts_split(p: int, k: int) -> tuple[int, int]:
     return common, (p - common) // k
 
 
-def iso_cts(job: Job, opts: Options) -> Merged:
+def _target_top(job: Job, c: int) -> FactoredSVD:
+    """The sum's top-c triplets (fewer where its effective rank is lower): from
+    leading_svd of the target core when its spectrum allows, else its full SVD."""
+    res = leading_svd(job.target_core, c) if job.frames is not None and c > 0 else None
+    if res is not None:
+        return res
     t = job.target
-    t = t.top(t.effective_rank)
+    return t.top(min(c, t.effective_rank))
+
+
+def iso_cts(job: Job, opts: Options) -> Merged:
     c, per = iso_cts_split(job.rank, len(job.sources))
-    uc, sc, vc = t.U[:, :c], t.S[:c], t.V[:, :c]
+    t = _target_top(job, c)
+    uc, sc, vc = t.U, t.S, t.V
     us, ss, vs = [uc], [sc], [vc]
     if per:
         for s in job.sources:
@@ -119,5 +135,6 @@ def iso_cts(job: Job, opts: Options) -> Merged:
             rest = rest.top(min(per, rest.effective_rank))
             us.append(rest.U), ss.append(rest.S), vs.append(rest.V)
     s_all = torch.cat(ss)
-    return finish(job, FactoredSVD(polar(torch.cat(us, 1)), torch.full_like(s_all, float(s_all.mean())),
-                                   polar(torch.cat(vs, 1))), opts)
+    (pu, u_ok), (pv, v_ok) = polar(torch.cat(us, 1)), polar(torch.cat(vs, 1))
+    return finish(job, FactoredSVD(pu, torch.full_like(s_all, float(s_all.mean())), pv), opts,
+                  orthonormal=u_ok and v_ok)

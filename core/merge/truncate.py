@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..factored import RANK_RTOL, FactoredSVD
+from ..factored import RANK_RTOL, FactoredSVD, leading_svd
 from .basis import Job, Merged, split
 from .plan import Options
 
@@ -30,12 +30,13 @@ def _orthonormal(x: torch.Tensor) -> bool:
     return bool(torch.allclose(x.T @ x, eye, atol=ORTHONORMAL_ATOL))
 
 
-def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank) -> Merged:
+def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank, orthonormal: bool = False) -> Merged:
     """The rule's result at the job's rank (or rank auto), as merged factors with
     their SVD, the exact error against the target (in frames: one small matrix)
-    and the relative truncation error."""
+    and the relative truncation error. orthonormal: the rule guarantees
+    orthonormal U, V (no check)."""
     u, s, v = res.U, res.S, res.V
-    if not (_orthonormal(u) and _orthonormal(v)):
+    if not orthonormal and not (_orthonormal(u) and _orthonormal(v)):
         p_, s, qh = torch.linalg.svd((u * s) @ v.T, full_matrices=False)
         u, v = p_, qh.T
     order = torch.sort(s, descending=True, stable=True).indices
@@ -54,3 +55,25 @@ def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank) -> 
     if job.frames is not None:
         error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
     return Merged(*split(known.U, known.S, known.V), known=known, error=error, truncation=trunc)
+
+
+def finish_core(job: Job, u: torch.Tensor, core: torch.Tensor, v: torch.Tensor, opts: Options) -> Merged:
+    """finish() for a rule whose result is u·core·vᵀ with orthonormal u, v (its
+    basis) and a small dense core. At a fixed rank the top-p triplets come from
+    leading_svd (one eigh, lifted by u and v: orthonormal by construction, so
+    not re-checked) and the truncation figure is the norm of the difference
+    matrix, ‖core − its rank-p part‖/‖core‖; rank auto, or a spectrum
+    leading_svd declines, takes the core's full SVD and finish()."""
+    if opts.rank != "auto":
+        res = leading_svd(core, job.rank)
+        if res is not None:
+            total = float(torch.linalg.matrix_norm(core))
+            trunc = float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - core)) / total
+            known = FactoredSVD(u @ res.U, res.S, v @ res.V)
+            job.capped = job.capped or (opts.rank is not None and job.rank < opts.rank)
+            error = None
+            if job.frames is not None:
+                error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
+            return Merged(*split(known.U, known.S, known.V), known=known, error=error, truncation=trunc)
+    p, s, qh = torch.linalg.svd(core, full_matrices=False)
+    return finish(job, FactoredSVD(u @ p, s, v @ qh.T), opts)
