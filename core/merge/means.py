@@ -38,16 +38,22 @@ def _weights(job: Job, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([s.weight for s in job.sources], dtype=like.dtype, device=like.device)
 
 
-def _spaces(job: Job, side: str) -> list[torch.Tensor]:
-    """Each source's singular vectors (ordered: karcher takes the top p)."""
-    return [s.svd.U if side == "U" else s.svd.V for s in job.sources]
+def _whole(s, side: str) -> torch.Tensor:
+    return s.form.col_basis if side == "U" else s.form.row_basis
 
 
 def _whole_spaces(job: Job, side: str) -> list[torch.Tensor]:
-    """An orthonormal basis of each source's whole column or row space: the chordal
-    rules see only the projectors, so no per-source SVD is needed where the source
-    is measured from its Grams."""
-    return [s.form.col_basis if side == "U" else s.form.row_basis for s in job.sources]
+    """An orthonormal basis of each source's whole column or row space: the means
+    see only the projectors, so no per-source SVD is needed where the source is
+    measured from its Grams."""
+    return [_whole(s, side) for s in job.sources]
+
+
+def _top_spaces(job: Job, side: str, p: int) -> list[torch.Tensor]:
+    """Each source's top-p singular space: its whole space where its rank is p,
+    else its leading p singular vectors (the source's SVD)."""
+    return [_whole(s, side) if s.rank == p else (s.svd.U if side == "U" else s.svd.V)[:, :p]
+            for s in job.sources]
 
 
 def _consensus(job: Job, side: str) -> torch.Tensor:
@@ -99,7 +105,7 @@ def karcher_batch(group: list[Job], opts: Options) -> list[Merged]:
         jobs = [group[i] for i in idx]
         res = {}
         for side in ("U", "V"):
-            bases = torch.stack([torch.stack([b[:, :p] for b in _spaces(j, side)]) for j in jobs])
+            bases = torch.stack([torch.stack(_top_spaces(j, side, p)) for j in jobs])
             w = torch.stack([_weights(j, bases) for j in jobs])
             res[side] = karcher_mean(bases, w, opts["tol"], opts["max_iter"], opts["distance"])
         for b, i in enumerate(idx):
