@@ -72,6 +72,10 @@ PRODUCT_DTYPE = torch.float32
 # ~1e-7); below it the start is taken in float64, since a small gap makes the start, and
 # possibly the critical point reached, sensitive to rounding (order invariance).
 START_GAP = 0.1
+# ... and the consensus it reports is taken again in float64 when an eigenvalue lies within
+# this of ½ (float32 eigenvalues err by ~R·ε₃₂·λ_1 ≈ 2e-5 at R = 256), so the reported
+# consensus rank, a count of eigenvalues > ½, is the one rank "auto" uses (core.merge.means).
+CONSENSUS_HALF_ATOL = 1e-4
 # A candidate's log frame tries log_frame's eigh route (grassmann.CLOSE_MIN_COS) when every
 # angle at the current iterate is below this: a step seldom moves an angle from 1.2 past
 # 1.47 rad, and where one does the route sees it and takes the SVD.
@@ -337,7 +341,7 @@ def karcher_mean(bases: torch.Tensor, weights, tol: float | None = None, max_ite
         # only a start (and the reported consensus): float32 eigh, ≈2.5× faster at R = 256
         coef, consensus = gram.top(w, p, torch.float32)
         gapped = bool(eigengap(consensus, p, START_GAP).all())
-        if not gapped:
+        if not gapped or bool(((consensus - 0.5).abs() < CONSENSUS_HALF_ATOL).any()):
             coef, consensus = gram.top(w, p)
     else:
         coef, consensus = gram.top(w, p)

@@ -13,7 +13,7 @@ from scipy.optimize import minimize
 from core.errors import LoraError
 import core.karcher as karcher_module
 from core.karcher import karcher_mean
-from core.means import flag_mean
+from core.means import consensus_rank, flag_mean
 
 from tests.subspace_reference import F64, angles, d_geo, max_angle, near, orth
 
@@ -289,6 +289,21 @@ def test_float32_start_reaches_the_float64_start_mean_and_small_gaps_start_in_fl
     res = karcher_mean(spread, even)
     assert used == [torch.float32, None] and bool(res.converged)
     assert float((res.consensus - flag_mean(spread, even).consensus).abs().max()) < 1e-12
+
+
+def test_consensus_at_one_half_is_taken_in_float64_like_rank_auto():
+    # four equal-weight sources sharing e1, two of them e2: eigenvalues 1, ½, ¼, ¼ (gap ¼: a
+    # float32 start), rotated so that no entry is exact; the count of eigenvalues > ½ must be
+    # the float64 one that rank "auto" takes from flag_mean
+    eye = torch.eye(12, dtype=F64)
+    rot = orth(12, 12, seed=5)
+    bases = torch.stack([rot @ eye[:, [0, j]] for j in (1, 1, 2, 3)])
+    even = torch.ones(4, dtype=F64)
+    res = karcher_mean(bases, even)
+    ref = flag_mean(bases, even).consensus
+    assert abs(float(ref[1]) - 0.5) < 1e-12
+    assert float((res.consensus - ref).abs().max()) < 1e-12
+    assert int(consensus_rank(res.consensus)) == int(consensus_rank(ref))
 
 
 def test_span_coordinates_give_the_full_space_result(monkeypatch):
