@@ -113,6 +113,12 @@ class Job:
             self._core = up @ down
         return self._core
 
+    def core_error(self, res: FactoredSVD) -> float:
+        """‖U·S·Vᵀ − Σ w_k ΔW_k‖_F for a result in frame coordinates: one small
+        difference matrix (the coordinates are isometries; no cancellation between
+        ‖ΔW_merge‖² and ‖target‖², an exact merge reports rounding-level error)."""
+        return float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - self.target_core))
+
     @property
     def target_norm(self) -> float:
         """‖Σ w_k ΔW_k‖_F: of the small core in frames (no SVD needed), else from the target's SVD."""

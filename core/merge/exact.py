@@ -76,11 +76,9 @@ def svd(job: Job, opts: Options) -> Merged:
     if opts.rank == "auto":
         return finish(job, job.target, opts)
     if job.frames is not None:
-        core = job.target_core
-        res = leading_svd(core, job.rank)
+        res = leading_svd(job.target_core, job.rank)
         if res is not None:
-            error = float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - core))
-            return Merged(*split(res.U, res.S, res.V), known=res, error=error)
+            return Merged(*split(res.U, res.S, res.V), known=res, error=job.core_error(res))
     res = job.target
     p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
     return Merged(*split(res.U[:, :p], res.S[:p], res.V[:, :p]), known=res.top(p),

@@ -83,10 +83,8 @@ def _merged(job: Job, u: torch.Tensor, v: torch.Tensor, stats: dict) -> Merged:
     core = sum(s.form.projected(u, v, s.weight)[0] for s in job.sources)
     pp, ss, qh = torch.linalg.svd(core)
     known = FactoredSVD(u @ pp, ss, v @ qh.T)
-    # ΔW_merge − target as one small matrix: coordinates are exact isometries (no cancellation);
     # every job here has frames (several sources, a framed method)
-    error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
-    return Merged(*split(known.U, known.S, known.V), stats=stats, known=known, error=error)
+    return Merged(*split(known.U, known.S, known.V), stats=stats, known=known, error=job.core_error(known))
 
 
 def karcher(job: Job, opts: Options) -> Merged:

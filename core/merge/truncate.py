@@ -50,10 +50,12 @@ def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank, ort
         job.capped = job.capped or (opts.rank is not None and p < opts.rank)
     total = float(torch.linalg.vector_norm(s))
     trunc = float(torch.linalg.vector_norm(s[p:])) / total if total > 0 else 0.0
-    known = FactoredSVD(u[:, :p], s[:p], v[:, :p])
-    error = None
-    if job.frames is not None:
-        error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
+    return _merged(job, FactoredSVD(u[:, :p], s[:p], v[:, :p]), trunc)
+
+
+def _merged(job: Job, known: FactoredSVD, trunc: float) -> Merged:
+    """The truncated result as merged factors, with its exact error in frames."""
+    error = job.core_error(known) if job.frames is not None else None
     return Merged(*split(known.U, known.S, known.V), known=known, error=error, truncation=trunc)
 
 
@@ -69,11 +71,7 @@ def finish_core(job: Job, u: torch.Tensor, core: torch.Tensor, v: torch.Tensor, 
         if res is not None:
             total = float(torch.linalg.matrix_norm(core))
             trunc = float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - core)) / total
-            known = FactoredSVD(u @ res.U, res.S, v @ res.V)
             job.capped = job.capped or (opts.rank is not None and job.rank < opts.rank)
-            error = None
-            if job.frames is not None:
-                error = float(torch.linalg.matrix_norm((known.U * known.S) @ known.V.T - job.target_core))
-            return Merged(*split(known.U, known.S, known.V), known=known, error=error, truncation=trunc)
+            return _merged(job, FactoredSVD(u @ res.U, res.S, v @ res.V), trunc)
     p, s, qh = torch.linalg.svd(core, full_matrices=False)
     return finish(job, FactoredSVD(u @ p, s, v @ qh.T), opts)
