@@ -33,7 +33,7 @@ class GrassmannLoRAKarcherMerge:
                 "clip": ("CLIP", {"tooltip": "The text encoder to patch with the merge."}),
                 "method": (list(TABLE), {"default": "karcher", "tooltip": describe()}),
                 "rank": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                 "tooltip": "Rank p of the merged LoRA (karcher, svd, ties, dare). 0: per "
+                                 "tooltip": "Rank p of the merged LoRA (every method but linear and concat). 0: per "
                                             "module, the smallest rank among the sources that have it (a "
                                             "source's effective rank when lower than its nominal one). "
                                             "Modules whose sources allow less get what they allow. Ignored "
