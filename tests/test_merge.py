@@ -98,7 +98,7 @@ def test_svd_equals_dense_truncation_of_the_sum(rank):
         assert abs(mod.rel_error - float(s[rank:].norm() / s.norm())) < 1e-9
 
 
-@pytest.mark.parametrize("method", ["karcher", "svd", "ties", "linear"])
+@pytest.mark.parametrize("method", ["karcher", "svd", "ties", "linear", "knots-ties"])
 def test_report_fidelity_matches_dense_computation(method):
     a = lora(1)
     srcs = [a, related(a, 0.3, 2), lora(3)]
@@ -133,7 +133,7 @@ def _rank_deficient(base, seed, side):
     return out
 
 
-@pytest.mark.parametrize("method,third", [("svd", 6), ("linear", 5), ("ties", 6), ("iso-cts", 5)])
+@pytest.mark.parametrize("method,third", [("svd", 6), ("linear", 5), ("ties", 6), ("iso-cts", 5), ("knots-dare", 6)])
 def test_report_from_gram_blocks_equals_the_svd_path_and_dense(method, third, monkeypatch):
     """Sources whose Grams are well conditioned are measured from Cholesky factors
     of their Gram blocks (no per-source SVD; one batched call when the ranks are

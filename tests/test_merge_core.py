@@ -255,9 +255,9 @@ def test_polar_from_the_gram_or_the_svd():
     assert 1 / POLAR_MIN_RATIO < 1e3
 
 
-@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.parametrize("method", ["ties", "dare", "knots-ties"])
 def test_core_rule_truncation_is_the_tail_of_its_full_result(method):
-    """ties/dare at rank p (top-p triplets of the merged core by one eigh): the
+    """ties/dare/knots at rank p (top-p triplets of the merged core or blocks by one eigh): the
     rank-p part of the full result, truncation figure ‖S[p:]‖/‖S‖ of its spectrum."""
     srcs = sources()
     full = merge(srcs, W, method=method, rank=13, seed=5, dtype=F64)      # Σ r_k = 4 + 4 + 5

@@ -65,7 +65,9 @@ class Merged:
     truncation: ‖result − its rank-p truncation‖ / ‖result‖ for rules truncated
     after the fact (core.merge.truncate); spans: orthonormal bases of the merge's
     column and row spaces when the method knows them without its SVD (all the
-    report needs); module_space: up/down are already in the module's space (no lift)."""
+    report needs; the report only projects the sources onto them, so a row basis
+    leaving the frame, KnOTS's, comes projected onto it); module_space: up/down
+    are already in the module's space (no lift)."""
 
     up: torch.Tensor
     down: torch.Tensor
@@ -128,11 +130,22 @@ class Job:
 
     def lift(self, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged factors from frame coordinates to the module's space."""
-        if self.frames is None:
-            return up, down
-        out, inn = self.frames
-        xs = stacked(self.members, up.device, self.workspace)    # the buffers' copy when they still hold it
-        return out.lift(up, xs[0]), inn.lift_rows(down, xs[1].T)
+        return self.lift_up(up), self.lift_down(down)
+
+    def lift_up(self, up: torch.Tensor) -> torch.Tensor:
+        """An up factor (columns) from output-frame coordinates to the module's space."""
+        return up if self.frames is None else self.frames[0].lift(up, self._stacked(up)[0])
+
+    def lift_down(self, down: torch.Tensor) -> torch.Tensor:
+        """A down factor (rows) from input-frame coordinates to the module's space."""
+        return down if self.frames is None else self.frames[1].lift_rows(down, self._stacked(down)[1].T)
+
+    def input_coords(self, v: torch.Tensor) -> torch.Tensor:
+        """Input-frame coordinates of the projection of v (d_in×k, the module's space) onto the frame."""
+        return v if self.frames is None else self.frames[1].coords_of(v, self._stacked(v)[1])
+
+    def _stacked(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return stacked(self.members, like.device, self.workspace)    # the buffers' copy when they still hold it
 
     def module(self, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
                rank: int | None = None) -> LoraModule:

@@ -193,10 +193,10 @@ _core_method("iso-cts", iso_cts, "Iso-CTS: ~80 % of the rank from the sum's top 
              "Marczak et al., ICML 2025, arXiv 2502.04959")
 _core_method("knots-ties", knots_ties, "KnOTS: align the sources by the SVD of their concatenation, then TIES "
              "on the aligned per-source blocks", "Stoica et al., ICLR 2025, arXiv 2410.19735",
-             (TIES_DENSITY, SEED), framed=False)
+             (TIES_DENSITY, SEED))
 _core_method("knots-dare", knots_dare, "KnOTS: align the sources by the SVD of their concatenation, then DARE "
              "on the aligned per-source blocks", "Stoica et al., ICLR 2025, arXiv 2410.19735",
-             (DARE_DROP, SEED), framed=False)
+             (DARE_DROP, SEED))
 register(Method("chordal", chordal, "flag (chordal) mean of the sources' whole column and row spaces, closed "
                 "form, sources of different ranks count with all their directions; then the weighted sum "
                 "projected onto it", "Draper et al. 2014",

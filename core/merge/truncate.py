@@ -41,16 +41,26 @@ def finish(job: Job, res: FactoredSVD, opts: Options, rank_auto=energy_rank, ort
         u, v = p_, qh.T
     order = torch.sort(s, descending=True, stable=True).indices
     u, s, v = u[:, order], s[order], v[:, order]
-    live = int((s > RANK_RTOL * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
-    u, s, v = u[:, :live], s[:live], v[:, :live]
+    live = live_count(s)
+    p, trunc = cut(job, s[:live], opts, rank_auto)
+    return _merged(job, FactoredSVD(u[:, :p], s[:p], v[:, :p]), trunc)
+
+
+def live_count(s: torch.Tensor) -> int:
+    """How many of the descending singular values s count as nonzero (> RANK_RTOL·σ_1)."""
+    return int((s > RANK_RTOL * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+
+
+def cut(job: Job, s: torch.Tensor, opts: Options, rank_auto=energy_rank) -> tuple[int, float]:
+    """The rank p a result with live spectrum s (descending) keeps — the job's rank,
+    or rank auto — and its relative truncation error ‖s[p:]‖/‖s‖."""
     if opts.rank == "auto":
-        p = rank_auto(job, s, opts.energy) if live else 0
+        p = rank_auto(job, s, opts.energy) if s.numel() else 0
     else:
-        p = min(job.rank, live)
+        p = min(job.rank, s.numel())
         job.capped = job.capped or (opts.rank is not None and p < opts.rank)
     total = float(torch.linalg.vector_norm(s))
-    trunc = float(torch.linalg.vector_norm(s[p:])) / total if total > 0 else 0.0
-    return _merged(job, FactoredSVD(u[:, :p], s[:p], v[:, :p]), trunc)
+    return p, float(torch.linalg.vector_norm(s[p:])) / total if total > 0 else 0.0
 
 
 def _merged(job: Job, known: FactoredSVD, trunc: float) -> Merged:
