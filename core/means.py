@@ -79,33 +79,54 @@ class Gram:
 
     def column_weights(self, w: torch.Tensor) -> torch.Tensor:
         """diag(D): w_k repeated p_k times (…, R)."""
+        if len(set(self.ranks)) == 1:
+            return w.repeat_interleave(self.ranks[0], -1)
         idx = torch.repeat_interleave(torch.arange(len(self.ranks), device=w.device),
                                       torch.tensor(self.ranks, device=w.device))
         return w[..., idx]
+
+    def weighted(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D^½ZᵀZD^½ (…, R, R), whose spectrum is that of Σ w_k U_kU_kᵀ, and √diag(D)."""
+        sq = self.column_weights(w).clamp_min(0).sqrt()
+        return sq.unsqueeze(-1) * self.gram * sq.unsqueeze(-2), sq
 
     def eig(self, w: torch.Tensor, dtype: torch.dtype | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eigenvalues λ (…, R), descending, of Σ w_k U_kU_kᵀ, the eigenvectors
         (…, R, R) of D^½ZᵀZD^½ and √diag(D). dtype: the eigensolver's precision
         (default the Gram's; results are returned in the Gram's)."""
-        sq = self.column_weights(w).clamp_min(0).sqrt()
-        a = sq.unsqueeze(-1) * self.gram * sq.unsqueeze(-2)
+        a, sq = self.weighted(w)
         lam, vec = torch.linalg.eigh(a if dtype is None else a.to(dtype))
         return lam.to(a.dtype).flip(-1).clamp_min(0), vec.to(a.dtype).flip(-1), sq
+
+    def spectrum(self, w: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues of Σ w_k U_kU_kᵀ (…, R), descending, without eigenvectors."""
+        return torch.linalg.eigvalsh(self.weighted(w)[0]).flip(-1).clamp_min(0)
 
     def top(self, w: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-p eigenvectors of Σ w_k U_kU_kᵀ as R×p coefficients on Z (so the basis is
         Z·coef, orthonormal) and all eigenvalues, descending (dtype: as in eig)."""
         lam, vec, sq = self.eig(w, dtype)
+        return self.coef(vec[..., :p], lam, sq, p), lam
+
+    @staticmethod
+    def coef(vec: torch.Tensor, lam: torch.Tensor, sq: torch.Tensor, p: int) -> torch.Tensor:
+        """Z-coefficients of the orthonormal basis Z·D^½·vec/√λ from top-p eigenpairs of D^½ZᵀZD^½."""
         if p > lam.shape[-1]:
             raise LoraError(f"rank {p} is more than the {lam.shape[-1]} directions the sources span")
         tiny = torch.finfo(lam.dtype).eps * lam[..., :1].clamp_min(torch.finfo(lam.dtype).tiny)
         if bool((lam[..., p - 1:p] <= tiny).any()):
             raise LoraError(f"the sources span fewer than {p} directions: no rank-{p} mean")
-        return sq.unsqueeze(-1) * vec[..., :p] / lam[..., :p].sqrt().unsqueeze(-2), lam
+        return sq.unsqueeze(-1) * vec / lam[..., :p].sqrt().unsqueeze(-2)
 
     def basis(self, coef: torch.Tensor) -> torch.Tensor:
-        return orthonormalize(self.z @ coef)
+        """Z·coef, orthonormalised: columns orthonormal up to rounding, so by a Cholesky QR
+        (the Q of orthonormalize, positive R diagonal, at a fraction of a Householder QR's cost)."""
+        x = self.z @ coef
+        low, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x)
+        if bool((info != 0).any()):
+            return orthonormalize(x)
+        return torch.linalg.solve_triangular(low, x.transpose(-1, -2), upper=False).transpose(-1, -2)
 
     def cross(self, coef: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """XᵀU_k (…, p, p_k) for every source k, X = Z·coef: the R-sized blocks of
@@ -114,10 +135,16 @@ class Gram:
 
     def max_angle(self, coef: torch.Tensor) -> torch.Tensor:
         """Largest principal angle between Z·coef and any source (…,), over min(p, p_k)
-        angles, from the singular values of the cross blocks (arccos: a report figure,
-        ~1e-8 off for tiny angles)."""
-        least = [torch.linalg.svdvals(xu).amin(-1) for xu in self.cross(coef)]
-        return torch.arccos(torch.stack(least, -1).amin(-1).clamp(0.0, 1.0))
+        angles: cos² of it is the least eigenvalue of the smaller Gram of the cross blocks
+        (one batched eigvalsh for equal ranks; arccos of the root: a report figure, ~1e-8
+        off for tiny angles)."""
+        blocks = self.cross(coef)
+        grams = [b.transpose(-1, -2) @ b if b.shape[-1] <= b.shape[-2] else b @ b.transpose(-1, -2) for b in blocks]
+        if len({g.shape[-1] for g in grams}) == 1:
+            least = torch.linalg.eigvalsh(torch.stack(grams, -3))[..., 0]
+        else:
+            least = torch.stack([torch.linalg.eigvalsh(g)[..., 0] for g in grams], -1)
+        return torch.arccos(least.amin(-1).clamp(0.0, 1.0).sqrt())
 
     def chordal_distances(self, coef: torch.Tensor) -> torch.Tensor:
         """d_chordal(Z·coef, U_k) (…, K): √(min(p, p_k) − ‖XᵀU_k‖²_F)."""

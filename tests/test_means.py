@@ -127,3 +127,4 @@ def test_flag_median_is_robust_to_an_outlier():
     clean = flag_mean(inliers, [1.0] * 4).mean
     assert max_angle(median.mean, clean) < 0.5 * max_angle(mean, clean)
     assert max_angle(median.mean, base) < max_angle(mean, base)
+

@@ -27,7 +27,7 @@ import torch
 
 from ..factored import FactoredSVD
 from ..karcher import KarcherResult, karcher_mean
-from ..means import consensus_rank, flag_mean, flag_median
+from ..means import Gram, check_weights, consensus_rank, flag_mean, flag_median
 from .basis import Job, Merged, split
 from .plan import Options
 
@@ -57,9 +57,10 @@ def _top_spaces(job: Job, side: str, p: int) -> list[torch.Tensor]:
 
 
 def _consensus(job: Job, side: str) -> torch.Tensor:
-    """Eigenvalues of Σ w_k U_kU_kᵀ over the sources' whole effective-rank spaces, descending."""
+    """Eigenvalues of Σ w_k U_kU_kᵀ over the sources' whole effective-rank spaces, descending
+    (no eigenvectors: rank auto needs the count first)."""
     spaces = _whole_spaces(job, side)
-    return flag_mean(spaces, _weights(job, spaces[0]), 1).consensus
+    return Gram.of(spaces).spectrum(check_weights(_weights(job, spaces[0]), len(spaces), spaces[0]))
 
 
 def _rank(job: Job, opts: Options, consensus: dict[str, torch.Tensor] | None) -> int:
@@ -75,12 +76,13 @@ def _rank(job: Job, opts: Options, consensus: dict[str, torch.Tensor] | None) ->
 def _consensus_stats(consensus: torch.Tensor, p: int) -> dict:
     shown = consensus[: p + CONSENSUS_SHOWN]
     return {"consensus_rank": int(consensus_rank(consensus)),
-            "consensus": [round(float(x), 4) for x in shown]}
+            "consensus": [round(x, 4) for x in shown.tolist()]}
 
 
 def _merged(job: Job, u: torch.Tensor, v: torch.Tensor, stats: dict) -> Merged:
-    """The core of the weighted sources between the means, its SVD and the exact error."""
-    core = sum(s.form.projected(u, v, s.weight)[0] for s in job.sources)
+    """The core of the weighted sources between the means (uᵀ·target·v, the target core the
+    error needs anyway), its SVD and the exact error."""
+    core = (u.T @ job.target_core) @ v
     pp, ss, qh = torch.linalg.svd(core)
     known = FactoredSVD(u @ pp, ss, v @ qh.T)
     # every job here has frames (several sources, a framed method)
