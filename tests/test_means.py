@@ -128,3 +128,49 @@ def test_flag_median_is_robust_to_an_outlier():
     assert max_angle(median.mean, clean) < 0.5 * max_angle(mean, clean)
     assert max_angle(median.mean, base) < max_angle(mean, base)
 
+
+def test_refine_top_certifies_the_top_space_of_a_nearby_matrix_and_declines_without_a_gap():
+    """From the eigenvectors of A₀, the top-p space of a nearby A within REFINE_TOL of eigh's;
+    None where λ_p = λ_{p+1} (nothing to certify)."""
+    from core.means import REFINE_TOL, refine_top
+    q = orth(96, 96, seed=90)
+    lam0 = torch.linspace(1.0, 0.01, 96, dtype=F64)
+    a0 = (q * lam0) @ q.T
+    g = torch.Generator().manual_seed(91)
+    e = torch.randn(96, 96, generator=g, dtype=F64) * 1e-6                 # ‖A − A₀‖₂ ≈ 2e-5 ≤ slack
+    a = a0 + e + e.T
+    lam, vec = torch.linalg.eigh(a)
+    p = 20
+    got = refine_top(a, q[:, :p].contiguous(), q[:, p:].contiguous(), lam0[p:], torch.full((1,), 1e-4, dtype=F64))
+    assert got is not None
+    mu, x = got
+    ref = vec.flip(-1)[:, :p]
+    assert float(torch.linalg.matrix_norm(x - ref @ (ref.T @ x), ord=2)) < REFINE_TOL
+    assert torch.allclose(mu, lam.flip(-1)[:p], atol=1e-12)
+    assert torch.allclose(x.T @ x, torch.eye(p, dtype=F64), atol=1e-12)
+    tied = lam0.clone()
+    tied[p - 1] = tied[p]
+    at = (q * tied) @ q.T
+    assert refine_top(at, q[:, :p].contiguous(), q[:, p:].contiguous(), tied[p:], torch.zeros(1, dtype=F64)) is None
+
+
+def test_flag_median_warm_steps_equal_eigh_steps(monkeypatch):
+    """R = 4·32 ≥ REFINE_MIN_R: IRLS steps refined from the previous step's eigenvectors give
+    the median, its steps and objective of a float64 eigh at every step."""
+    import core.means as means_module
+    d, p = 150, 32
+    base = orth(d, p, seed=95)
+    g = torch.Generator().manual_seed(96)
+    bases = [torch.linalg.qr(base + 0.3 * torch.randn(d, p, generator=g, dtype=F64))[0] for _ in range(3)]
+    bases.append(orth(d, p, seed=97))                                    # an outlier
+    w = [1.0, 1.0, 1.0, 1.0]
+    tried = []
+    real = means_module.refine_top
+    monkeypatch.setattr(means_module, "refine_top", lambda *a: tried.append(real(*a)) or tried[-1])
+    warm = flag_median(bases, w, p)
+    assert sum(t is not None for t in tried) >= 3                       # the warm route answered
+    monkeypatch.setattr(means_module, "REFINE_MIN_R", 10 ** 6)
+    cold = flag_median(bases, w, p)
+    assert int(warm.iterations) == int(cold.iterations) and bool(warm.converged)
+    assert max_angle(warm.mean, cold.mean) < 1e-9
+    assert abs(float(warm.objective) - float(cold.objective)) < 1e-12
