@@ -270,11 +270,18 @@ def flag_mean(bases, weights, p: int | None = None) -> FlagMean:
     return FlagMean(g.basis(coef), lam, eigengap(lam, p), g.max_angle(coef))
 
 
+# A direction held by sources of exactly half the weight (two of four equal LoRAs) has λ = ½
+# exactly: a tie, not a majority. Its computed λ lies within ~1e-15 of ½ on either side, so
+# without a margin rounding (eigh against eigvalsh, the order of a sum) would decide the count.
+CONSENSUS_TIE_ATOL = 1e-9
+
+
 def consensus_rank(consensus: torch.Tensor) -> torch.Tensor:
     """How many directions a weighted majority of the sources share: the count of
-    eigenvalues of Σ w_k U_kU_kᵀ (Σ w_k = 1) above ½ (…,). May be 0: no direction
-    is held by sources of more than half the total weight."""
-    return (consensus > 0.5).sum(-1)
+    eigenvalues of Σ w_k U_kU_kᵀ (Σ w_k = 1) above ½ (…,), ties at ½ (within
+    CONSENSUS_TIE_ATOL) left out. May be 0: no direction is held by sources of more
+    than half the total weight."""
+    return (consensus > 0.5 + CONSENSUS_TIE_ATOL).sum(-1)
 
 
 @dataclass

@@ -174,3 +174,19 @@ def test_flag_median_warm_steps_equal_eigh_steps(monkeypatch):
     assert int(warm.iterations) == int(cold.iterations) and bool(warm.converged)
     assert max_angle(warm.mean, cold.mean) < 1e-9
     assert abs(float(warm.objective) - float(cold.objective)) < 1e-12
+
+
+def test_a_direction_held_by_exactly_half_the_weight_is_a_tie_whatever_the_rounding():
+    # four equal-weight sources sharing e1, two of them e2: λ = 1, ½, ¼, ¼. Rotated at random,
+    # the computed ½ lands on either side of ½ by ~1e-16 (eigh and eigvalsh even disagree):
+    # the count must not follow the rounding
+    eye = torch.eye(12, dtype=F64)
+    sides = set()
+    for seed in range(24):
+        rot = orth(12, 12, seed=100 + seed)
+        bases = [rot @ eye[:, [0, j]] for j in (1, 1, 2, 3)]
+        lam = flag_mean(bases, [1.0] * 4).consensus
+        assert abs(float(lam[1]) - 0.5) < 1e-12
+        sides.add(float(lam[1]) > 0.5)
+        assert int(consensus_rank(lam)) == 1
+    assert sides == {True, False}     # the rounding did go both ways: the margin is what decides
