@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from .device import linalg_threads
+from .grassmann import gram_eigh
 from .lora import LoraModule
 
 # Singular values below this fraction of the largest count as numerically zero.
@@ -309,15 +310,6 @@ def frame(x: torch.Tensor) -> Frame:
 # absolute errors ~n·u·σ_1², so σ_p keeps ~1e-8 relative accuracy there and its
 # vectors lose at most σ_1/σ_p = 1e3 times the digits a direct SVD keeps.
 LEADING_SVD_MIN_RATIO = 1e-3
-
-
-def gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """m's singular values (descending, ≥ 0) and the matching singular vectors of
-    its smaller side, from one eigh of its smaller Gram: values with absolute
-    errors ~n·u·σ_1²/σ (see LEADING_SVD_MIN_RATIO), vectors to match."""
-    tall = m.shape[-2] >= m.shape[-1]
-    lam, vec = torch.linalg.eigh(m.transpose(-1, -2) @ m if tall else m @ m.transpose(-1, -2))
-    return lam.flip(-1).clamp_min(0).sqrt(), vec.flip(-1)
 
 
 def leading_svd(m: torch.Tensor, p: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -61,6 +61,26 @@ def orthonormalize(x: torch.Tensor) -> torch.Tensor:
     return q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
 
 
+def cholesky_qr(x: torch.Tensor) -> torch.Tensor | None:
+    """Q of x = Q·R (R's diagonal positive, as orthonormalize's) from one Cholesky
+    of xᵀx, at a fraction of a Householder QR's cost, or None when xᵀx is not
+    numerically positive definite. Its errors grow as u·κ(x)²: for columns that
+    are orthonormal up to rounding, or nearly so."""
+    low, info = torch.linalg.cholesky_ex(_t(x) @ x)
+    if bool((info != 0).any()):
+        return None
+    return _t(torch.linalg.solve_triangular(low, _t(x), upper=False))
+
+
+def gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """m's singular values (descending, ≥ 0) and the matching singular vectors of
+    its smaller side, from one eigh of its smaller Gram: values with absolute
+    errors ~n·u·σ_1²/σ, vectors to match (callers bound σ/σ_1 from below)."""
+    tall = m.shape[-2] >= m.shape[-1]
+    lam, vec = torch.linalg.eigh(_t(m) @ m if tall else m @ _t(m))
+    return lam.flip(-1).clamp_min(0).sqrt(), vec.flip(-1)
+
+
 def tangent_projection(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(I − XXᵀ)V: onto the tangent space at X (also the vector transport we use)."""
     return v - x @ (_t(x) @ v)
@@ -104,11 +124,9 @@ def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _close_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The SVD of a square M (cos descending) from eigh(MᵀM), or None when some
     singular value is below CLOSE_MIN_COS (see there)."""
-    lam, q = torch.linalg.eigh(_t(m) @ m)
-    cos = lam.flip(-1).clamp_min(0).sqrt()
+    cos, q = gram_eigh(m)
     if not bool((cos >= CLOSE_MIN_COS).all()):
         return None
-    q = q.flip(-1)
     return (m @ q) / cos.unsqueeze(-2), cos, q
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraError
-from .grassmann import orthonormalize
+from .grassmann import cholesky_qr, orthonormalize
 
 MEDIAN_EPS = 1e-10     # IRLS floor on a distance: a source the median passes through keeps a finite weight
 MEDIAN_TOL = 1e-10     # IRLS stops when the relative decrease of Σ w_k d_k is below this
@@ -96,8 +96,13 @@ class Gram:
         (…, R, R) of D^½ZᵀZD^½ and √diag(D). dtype: the eigensolver's precision
         (default the Gram's; results are returned in the Gram's)."""
         a, sq = self.weighted(w)
+        return (*self.eigh(a, dtype), sq)
+
+    @staticmethod
+    def eigh(a: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, ≥ 0) and eigenvectors of a weighted Gram a (eig's dtype)."""
         lam, vec = torch.linalg.eigh(a if dtype is None else a.to(dtype))
-        return lam.to(a.dtype).flip(-1).clamp_min(0), vec.to(a.dtype).flip(-1), sq
+        return lam.to(a.dtype).flip(-1).clamp_min(0), vec.to(a.dtype).flip(-1)
 
     def spectrum(self, w: torch.Tensor) -> torch.Tensor:
         """Eigenvalues of Σ w_k U_kU_kᵀ (…, R), descending, without eigenvectors."""
@@ -123,10 +128,8 @@ class Gram:
         """Z·coef, orthonormalised: columns orthonormal up to rounding, so by a Cholesky QR
         (the Q of orthonormalize, positive R diagonal, at a fraction of a Householder QR's cost)."""
         x = self.z @ coef
-        low, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x)
-        if bool((info != 0).any()):
-            return orthonormalize(x)
-        return torch.linalg.solve_triangular(low, x.transpose(-1, -2), upper=False).transpose(-1, -2)
+        q = cholesky_qr(x)
+        return orthonormalize(x) if q is None else q
 
     def cross(self, coef: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """XᵀU_k (…, p, p_k) for every source k, X = Z·coef: the R-sized blocks of
@@ -184,11 +187,9 @@ def refine_top(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rest: torch.Te
         if left == 0 or (prev is not None and bool((norm * (norm / prev) ** left > goal).any())):
             return None
         prev = norm
-        x = x + y @ ((y.transpose(-1, -2) @ res) / (mu.unsqueeze(-2) - rest.unsqueeze(-1)))
-        low, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ x)
-        if bool((info != 0).any()):
+        x = cholesky_qr(x + y @ ((y.transpose(-1, -2) @ res) / (mu.unsqueeze(-2) - rest.unsqueeze(-1))))
+        if x is None:
             return None
-        x = torch.linalg.solve_triangular(low, x.transpose(-1, -2), upper=False).transpose(-1, -2)
     return None
 
 
@@ -231,8 +232,7 @@ class _WarmTop:
                     mu, x = got
                     self.ref = sq0, x, y, rest, gap
                     return Gram.coef(x, mu, sq, self.p)
-        lam, vec = torch.linalg.eigh(a)
-        lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)
+        lam, vec = Gram.eigh(a)
         self.ref = (sq, vec[..., :self.p].contiguous(), vec[..., self.p:].contiguous(), lam[..., self.p:],
                     lam[..., self.p - 1:self.p] - lam[..., self.p:self.p + 1])
         self.lam = lam

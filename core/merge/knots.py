@@ -13,7 +13,7 @@ The output side runs in the job's frame coordinates: U from the eigh of the
 concatenation's n×n Gram, the blocks as (Uᵀ·w_k·left_k)·rows_k with rows_k the
 source's right factor in the module's input space (a Gram-measured source's
 own down factor), so no per-source SVD and no d-sized QR. The result's SVD is
-U·svd(merged), merged's top p from one eigh of its R×R Gram (factored.gram_eigh),
+U·svd(merged), merged's top p from one eigh of its R×R Gram (grassmann.gram_eigh),
 and its error against the target is ‖merged_p − Σ_k Uᵀ·T_k‖ (plus the target's
 part on the directions U drops): the result lies in span(U).
 """
@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from ..factored import FactoredSVD, gram_eigh, leading_svd
+from ..factored import FactoredSVD, leading_svd
+from ..grassmann import gram_eigh
 from .basis import Job, Merged, Source, split
 from .core_space import column_range
 from .plan import Options
