@@ -136,24 +136,29 @@ def source_tags(job: Job) -> list[int]:
 
 
 def elementwise(rule: str, mats: list[torch.Tensor], job: Job, opts: Options) -> torch.Tensor:
-    """TIES or DARE on whole (small) matrices of one shape, one per source: the
-    core and KnOTS rules. Combined CHUNK_ELEMENTS at a time (rows), as the dense
-    rule does: KnOTS's R×d_in blocks are several MiB each, and whole-matrix
-    elementwise passes ran at memory speed (2× slower measured); DARE's masks
-    come from each source's generator chunk after chunk, the same masks."""
-    if rule == "ties":
-        thresholds = [ties_threshold(m, opts["ties_density"]) for m in mats]
-        combine = lambda taus: ties_combine(taus, thresholds)     # noqa: E731
-    else:
-        gens = dare_generators(job.name, opts["seed"], source_tags(job), mats[0].device)
-        combine = lambda taus: dare_combine(taus, opts["dare_drop"], gens)   # noqa: E731
-    rows, n = mats[0].shape[0], mats[0][0].numel()
-    step = max(1, CHUNK_ELEMENTS // max(1, n))
-    if step >= rows:
-        return combine(mats)
-    out = torch.empty_like(mats[0])
-    for i in range(0, rows, step):
-        out[i:i + step] = combine([m[i:i + step] for m in mats])
+    """TIES or DARE on whole matrices of one shape, one per source: the core and
+    KnOTS rules (KnOTS's R×d_in blocks are several MiB each: combined in row
+    chunks, as the dense rule's)."""
+    thresholds = [ties_threshold(m, opts["ties_density"]) for m in mats] if rule == "ties" else None
+    gens = dare_generators(job.name, opts["seed"], source_tags(job), mats[0].device) if rule == "dare" else None
+    return _combine_rows(rule, lambda rows: [m[rows] for m in mats], mats[0].shape, mats[0].dtype,
+                         mats[0].device, thresholds, gens, opts)
+
+
+def _combine_rows(rule: str, taus_of, shape: tuple[int, int], dtype: torch.dtype, device,
+                  thresholds: list[float] | None, gens: list[torch.Generator] | None, opts: Options) -> torch.Tensor:
+    """TIES or DARE over a (rows × n) result, CHUNK_ELEMENTS entries of rows at a
+    time: taus_of(rows) gives every source's chunk (a slice of a whole matrix, or
+    formed from factors on the fly). Small chunks stay in cache: whole-matrix
+    elementwise passes ran at memory speed, several times slower; DARE draws each
+    source's mask chunk after chunk from its generator: the same masks whatever
+    the chunk size."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    step = max(1, CHUNK_ELEMENTS // max(1, shape[1]))
+    for i in range(0, shape[0], step):
+        rows = slice(i, i + step)
+        out[rows] = (ties_combine(taus_of(rows), thresholds) if rule == "ties"
+                     else dare_combine(taus_of(rows), opts["dare_drop"], gens))
     return out
 
 
@@ -168,6 +173,7 @@ def _dense(job: Job, method: str, opts: Options) -> Merged:
     rank-p step converged to that precision (DENSE_RTOL)."""
     work, seed = opts.dense_dtype, opts["seed"]
     factors = [((s.weight * s.svd.U * s.svd.S).to(work), s.svd.V.T.to(work)) for s in job.sources]
+    thresholds = None
     if method == "ties":
         thresholds = [_kth_largest_abs(lambda rows, a=a, b=b: a[rows] @ b,
                                        lambda idx, a=a, b=b: (a[idx // job.d_in] * b[:, idx % job.d_in].T).sum(1),
@@ -175,13 +181,8 @@ def _dense(job: Job, method: str, opts: Options) -> Merged:
                       for a, b in factors]
     dev = factors[0][0].device
     gens = dare_generators(job.name, seed, list(range(len(factors))), dev)
-    step = max(1, CHUNK_ELEMENTS // job.d_in)
-    dense = torch.empty(job.d_out, job.d_in, dtype=work, device=dev)
-    for i in range(0, job.d_out, step):
-        rows = slice(i, i + step)
-        taus = [a[rows] @ b for a, b in factors]
-        dense[rows] = (ties_combine(taus, thresholds) if method == "ties"
-                       else dare_combine(taus, opts["dare_drop"], gens))
+    dense = _combine_rows(method, lambda rows: [a[rows] @ b for a, b in factors], (job.d_out, job.d_in),
+                          work, dev, thresholds, gens, opts)
     u, s, v = (x.to(torch.float64) for x in
                top_singular(dense, job.rank, seed, rtol=DENSE_RTOL[work], start=job.target.V.to(work)))
     return Merged(*split(u, s, v), known=FactoredSVD(u, s, v))
