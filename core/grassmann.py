@@ -24,6 +24,17 @@ def principal_cosines(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(x.transpose(-1, -2) @ y).clamp(0.0, 1.0)
 
 
+def least_cos2(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """cos² of the widest principal angle for each cross block XᵀY (…, k, l) of
+    orthonormal X, Y: the least eigenvalue of its smaller Gram (one batched
+    eigvalsh when the Grams have equal sizes, about half an svdvals' time). The
+    widest angle's arccos √· is a report figure: ~1e-8 rad off near 0."""
+    grams = [b.transpose(-1, -2) @ b if b.shape[-1] <= b.shape[-2] else b @ b.transpose(-1, -2) for b in blocks]
+    if len({g.shape[-1] for g in grams}) == 1:
+        return torch.linalg.eigvalsh(torch.stack(grams, -3))[..., 0].clamp(0.0, 1.0)
+    return torch.stack([torch.linalg.eigvalsh(g)[..., 0] for g in grams], -1).clamp(0.0, 1.0)
+
+
 # Above this angle arccos(cos θ) is accurate (its error ε/sin θ is under
 # ~10ε relative), so the sine SVD, as costly as a thin QR, is skipped when
 # every angle is at least this large: the usual case for unrelated LoRAs.

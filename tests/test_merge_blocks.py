@@ -102,6 +102,42 @@ def test_normalise_brings_shared_directions_to_one_source_and_keeps_private_ones
         merge(loras, [1, 1], method="tsv", normalise=True)
 
 
+def test_advisor_figures_match_principal_angles_and_phi_done_densely():
+    """The advisor's widest angle and φ (cross blocks of the column bases, least
+    eigenvalue of their smaller Gram) against scipy's principal angles of the
+    dense ΔW's column spaces: identical spaces ≈ 0°, orthogonal ones 90°, and
+    unequal ranks (4, 6, 5) pair by pair."""
+    import math
+    from tests.subspace_reference import angles
+    from core.measures import chance_phi
+    g = torch.Generator().manual_seed(5)
+    d, name = 96, NAMES[1]
+    q = torch.linalg.qr(torch.randn(d, 15, generator=g, dtype=F64))[0]
+
+    def src(k, up):
+        return LoraFile(f"s{k}.safetensors", "kohya", "sd1", {name: LoraModule(
+            name, up, torch.randn(up.shape[1], d, generator=g, dtype=F64))})
+    mix = torch.randn(4, 4, generator=g, dtype=F64)
+    same = [src(0, q[:, :4]), src(1, q[:, :4] @ mix)]              # one column space, other factors
+    orthogonal = [src(2, q[:, :4]), src(3, q[:, 4:8])]
+    ranks = [src(4, torch.randn(d, 4, generator=g, dtype=F64)), src(5, q[:, :6] + 0.3 * torch.randn(d, 6, generator=g, dtype=F64)),
+             src(6, q[:, 2:7] + 0.2 * torch.randn(d, 5, generator=g, dtype=F64))]
+    adv = merge(same, [1, 1], method="svd", dtype=F64).report.modules[0].advice
+    assert adv["max_angle_deg"] < 1e-4 and abs(adv["phi"] - 1) < 1e-12 and adv["advice"] == "karcher"
+    adv = merge(orthogonal, [1, 1], method="svd", dtype=F64).report.modules[0].advice
+    assert abs(adv["max_angle_deg"] - 90) < 1e-6 and adv["phi"] < 1e-24 and adv["advice"] == "linear"
+    adv = merge(ranks, [1, 0.5, 0.7], method="svd", dtype=F64).report.modules[0].advice
+    bases = [torch.linalg.svd(x.modules[name].delta(), full_matrices=False)[0][:, :x.modules[name].rank]
+             for x in ranks]
+    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
+    widest = max(float(angles(bases[a], bases[b])[-1]) for a, b in pairs)
+    assert abs(adv["max_angle_deg"] - math.degrees(widest)) < 1e-8
+    phis = {(a, b): float(((bases[a].T @ bases[b]) ** 2).sum()) / min(bases[a].shape[1], bases[b].shape[1])
+            for a, b in pairs}
+    best = max(pairs, key=lambda p: phis[p] / chance_phi(bases[p[0]].shape[1], bases[p[1]].shape[1], d))
+    assert abs(adv["phi"] - phis[best]) < 1e-12
+
+
 def test_advisor_names_the_fitting_method():
     a = random_lora("sd1", rank=4, seed=1, names=NAMES[1:3], path="a.safetensors")
     close = perturbed_lora(a, 0.05, 2, path="b.safetensors")

@@ -19,8 +19,8 @@ from collections import Counter
 
 import torch
 
-from ..grassmann import principal_cosines
-from ..measures import chance_phi
+from ..grassmann import least_cos2
+from ..measures import chance_phi, phi_from_product
 from .basis import Job
 
 CLOSE_ANGLE = math.pi / 4
@@ -29,24 +29,31 @@ ADVICE = ("karcher", "ties/tsv/iso", "linear")
 
 
 def advise(job: Job) -> dict | None:
-    """{"phi", "chance", "max_angle_deg", "advice"} for a module with several sources, else None."""
+    """{"phi", "chance", "max_angle_deg", "advice"} for a module with several sources, else None.
+
+    Every pair's cross block U_aᵀU_b comes from one product per source a with
+    the later sources' bases side by side; φ is the block's ‖·‖²_F/min(r_a, r_b)
+    and the widest angle the least eigenvalue of its smaller Gram (least_cos2)."""
     if len(job.sources) < 2:
         return None
-    best_ratio, phi_max, chance_at, widest = 0.0, 0.0, 1.0, 0.0
     bases = [s.form.col_basis for s in job.sources]
-    pairs = [(a, b) for a in range(len(bases)) for b in range(a + 1, len(bases))]
-    if len({tuple(x.shape) for x in bases}) == 1:      # equal ranks: every pair in one batched call
-        stack = torch.stack(bases)
-        cosines = principal_cosines(stack[[a for a, _ in pairs]], stack[[b for _, b in pairs]])
-    else:
-        cosines = [principal_cosines(bases[a], bases[b]) for a, b in pairs]
-    for (a, b), cos in zip(pairs, cosines):
-        x, y = bases[a], bases[b]
-        phi = float((cos ** 2).sum()) / min(x.shape[1], y.shape[1])
-        chance = chance_phi(x.shape[1], y.shape[1], job.d_out)
+    ranks = [int(x.shape[1]) for x in bases]
+    starts = [sum(ranks[:k]) for k in range(len(ranks) + 1)]
+    stack = torch.cat(bases, 1)
+    pairs, blocks = [], []
+    for a in range(len(bases) - 1):
+        row = bases[a].T @ stack[:, starts[a + 1]:]
+        for b in range(a + 1, len(bases)):
+            pairs.append((a, b))
+            blocks.append(row[:, starts[b] - starts[a + 1]:starts[b + 1] - starts[a + 1]])
+    cos2 = least_cos2(blocks).tolist()
+    best_ratio, phi_max, chance_at = 0.0, 0.0, 1.0
+    for (a, b), block in zip(pairs, blocks):
+        phi = float(phi_from_product(block))
+        chance = chance_phi(ranks[a], ranks[b], job.d_out)
         if phi / chance >= best_ratio:
             best_ratio, phi_max, chance_at = phi / chance, phi, chance
-        widest = max(widest, math.acos(min(1.0, float(cos[-1]))))
+    widest = math.acos(math.sqrt(min(cos2)))
     advice = ("karcher" if widest < CLOSE_ANGLE else
               "ties/tsv/iso" if best_ratio > OVERLAP_TIMES else "linear")
     return {"phi": phi_max, "chance": chance_at, "max_angle_deg": math.degrees(widest), "advice": advice}
