@@ -83,6 +83,13 @@ def cholesky_qr(x: torch.Tensor) -> torch.Tensor | None:
     return _t(torch.linalg.solve_triangular(low, _t(x), upper=False))
 
 
+def reorthonormalize(x: torch.Tensor) -> torch.Tensor:
+    """orthonormalize for columns orthonormal up to rounding: the same Q by cholesky_qr,
+    by the Householder QR only where the Cholesky fails."""
+    q = cholesky_qr(x)
+    return orthonormalize(x) if q is None else q
+
+
 def gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """m's singular values (descending, ≥ 0) and the matching singular vectors of
     its smaller side, from one eigh of its smaller Gram: values with absolute
@@ -119,7 +126,7 @@ def log_frame(x: torch.Tensor, y: torch.Tensor, close: bool = False
     m = _t(x) @ y
     pq = _close_svd(m) if close else None
     p, cos, q = pq if pq is not None else _svd(m)
-    resid = y @ q - x @ (m @ q)
+    resid = y @ q - x @ (p * cos.unsqueeze(-2))        # MQ = P·cos Θ
     sin = torch.linalg.vector_norm(resid, dim=-2)
     theta = torch.atan2(sin, cos.clamp(0.0, 1.0))
     tiny = torch.finfo(x.dtype).tiny
@@ -188,16 +195,17 @@ class SqDistanceHessian:
 
     def __init__(self, p: torch.Tensor, theta: torch.Tensor, e: torch.Tensor, w: torch.Tensor,
                  dtype: torch.dtype | None = None) -> None:
+        self.theta = theta
         ti, tj = theta.unsqueeze(-1), theta.unsqueeze(-2)
-        self.plus, minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
-        self.phi = alpha_cot_alpha(theta).unsqueeze(-2)
+        plus, minus = alpha_cot_alpha(ti + tj), alpha_cot_alpha(ti - tj)
+        phi = alpha_cot_alpha(theta).unsqueeze(-2)
         self.w = w[..., None, None]
         *lead, k, d, r = e.shape
         e = e.movedim(-3, -2).reshape(*lead, d, k * r)                  # [E_1 … E_K]
-        flat = ((p * self.phi) @ _t(p) * self.w).sum(-3)                # Σ w_k P_kΦ_kP_kᵀ
+        flat = ((p * phi) @ _t(p) * self.w).sum(-3)                     # Σ w_k P_kΦ_kP_kᵀ
         # w_k·(H_B(B) − BΦ) = B∘same + Bᵀ∘swap: the symmetric/antisymmetric split folded in
-        same = self.w * (0.5 * (minus + self.plus) - self.phi)
-        swap = self.w * (0.5 * (minus - self.plus))
+        same = self.w * (0.5 * (minus + plus) - phi)
+        swap = self.w * (0.5 * (minus - plus))
         dtype = dtype or e.dtype
         self.e, self.p, self.flat, self.same, self.swap = (t.to(dtype) for t in (e, p, flat, same, swap))
         self.k, self.r = k, r
@@ -212,24 +220,20 @@ class SqDistanceHessian:
 
     def lower_bound(self) -> torch.Tensor:
         """hessian_lower_bound at this frame."""
-        return _weyl_bound(self.plus, self.phi, self.w[..., 0, 0])
-
-
-def _weyl_bound(plus: torch.Tensor, phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    plus = plus.clone()
-    eye = torch.eye(plus.shape[-1], dtype=torch.bool, device=plus.device)
-    plus = plus.masked_fill(eye, 1.0)         # θ_i + θ_i is no root
-    least = torch.minimum(plus.amin((-2, -1)), phi.amin((-2, -1)))
-    return (w * least.clamp_max(1.0)).sum(-1)
+        return hessian_lower_bound(self.theta, self.w[..., 0, 0])
 
 
 def hessian_lower_bound(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_k w_k λ_min(Hess ½d²(·, Y_k)) ≤ λ_min(Hess Σ_k w_k ½d²(·, Y_k)) (Weyl), from the
     principal angles θ (…, K, p) to each Y_k and weights w (…, K); nothing else of the
-    Hessian is built. α·cot α decreases on [0, π), so each term's smallest eigenvalue
-    is at its largest root."""
-    return _weyl_bound(alpha_cot_alpha(theta.unsqueeze(-1) + theta.unsqueeze(-2)),
-                       alpha_cot_alpha(theta).unsqueeze(-2), w)
+    Hessian is built. Each term's eigenvalues are α·cot α over its roots θ_i + θ_j (i ≠ j),
+    θ_i ± θ_j and θ_i, and 1 on the flat; α·cot α decreases on [0, π), so its smallest is at
+    the largest root: the sum of the two largest angles (the largest one where p = 1)."""
+    top = theta.topk(min(2, theta.shape[-1]), dim=-1).values
+    least = alpha_cot_alpha(top[..., 0])
+    if top.shape[-1] == 2:
+        least = torch.minimum(least, alpha_cot_alpha(top[..., 0] + top[..., 1]))
+    return (w * least.clamp_max(1.0)).sum(-1)
 
 
 def grassmann_exp(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -245,4 +249,4 @@ def grassmann_exp(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     small = s < 1e-4
     sinc = torch.where(small, 1.0 - s * s / 6.0, torch.sin(s) / torch.where(small, torch.ones_like(s), s))
     y = (x @ v) * torch.cos(s).unsqueeze(-2) + (h @ v) * sinc.unsqueeze(-2)
-    return orthonormalize(y @ _t(v))
+    return reorthonormalize(y @ _t(v))

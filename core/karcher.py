@@ -140,8 +140,8 @@ class _Cost:
         self.x, self.frame, self.w = x, frame, w
         p, self.theta, e = frame
         self.cost = 0.5 * (w * (self.theta * self.theta).sum(-1)).sum(-1)
-        logs = (e * self.theta.unsqueeze(-2)) @ p.transpose(-1, -2)
-        self.grad = -(logs * w[..., None, None]).sum(-3)
+        # −Σ w_k E_k·diag(θ_k)·P_kᵀ, the weights and angles folded into the p×p factors
+        self.grad = -(e @ (p * (self.theta * w.unsqueeze(-1)).unsqueeze(-2)).transpose(-1, -2)).sum(-3)
         self.gnorm = torch.linalg.vector_norm(self.grad, dim=(-2, -1))
         self._hess = None
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraError
-from .grassmann import cholesky_qr, orthonormalize
+from .grassmann import cholesky_qr, reorthonormalize
 
 MEDIAN_EPS = 1e-10     # IRLS floor on a distance: a source the median passes through keeps a finite weight
 MEDIAN_TOL = 1e-10     # IRLS stops when the relative decrease of Σ w_k d_k is below this
@@ -127,9 +127,7 @@ class Gram:
     def basis(self, coef: torch.Tensor) -> torch.Tensor:
         """Z·coef, orthonormalised: columns orthonormal up to rounding, so by a Cholesky QR
         (the Q of orthonormalize, positive R diagonal, at a fraction of a Householder QR's cost)."""
-        x = self.z @ coef
-        q = cholesky_qr(x)
-        return orthonormalize(x) if q is None else q
+        return reorthonormalize(self.z @ coef)
 
     def cross(self, coef: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """XᵀU_k (…, p, p_k) for every source k, X = Z·coef: the R-sized blocks of

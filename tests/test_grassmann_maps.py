@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.linalg import subspace_angles
 
-from core.grassmann import (SqDistanceHessian, grassmann_exp, grassmann_log, log_frame,
+from core.grassmann import (SqDistanceHessian, grassmann_exp, grassmann_log, hessian_lower_bound, log_frame,
                             tangent_projection)
 
 from tests.subspace_reference import F64, angles, d_geo, max_angle, near, orth
@@ -129,6 +129,19 @@ def test_hessian_equals_finite_differences_of_the_gradient(d, p, k, eps, seed):
     assert np.allclose(ours, ours.T, atol=1e-12)
     lam = np.linalg.eigvalsh(ours)[0]
     assert float(hess.lower_bound()) <= lam + 1e-12      # Weyl bound is a bound
+
+
+@pytest.mark.parametrize("d,p,eps,seed", [(7, 1, 0.8, 0), (9, 3, 0.4, 1), (10, 2, 3.0, 2), (12, 4, 3.0, 3)])
+def test_lower_bound_is_the_least_eigenvalue_for_one_source(d, p, eps, seed):
+    """With one source (d ≥ 2p every root has its eigenvector) the Weyl bound is exact: the
+    least eigenvalue of the dense Hessian, from the two largest angles alone."""
+    ys = near(orth(d, p, seed=seed), eps, 1, seed=seed + 20)
+    x = orth(d, p, seed=seed + 40)
+    ours, ref, hess = dense_hessians(x, ys, torch.ones(1, dtype=F64))
+    lam = np.linalg.eigvalsh(ref)[0]
+    theta = log_frame(x.unsqueeze(0), ys)[1]
+    assert abs(float(hessian_lower_bound(theta, torch.ones(1, dtype=F64))) - lam) <= 1e-6 * max(1.0, abs(lam))
+    assert float(hess.lower_bound()) == float(hessian_lower_bound(theta, torch.ones(1, dtype=F64)))
 
 
 def test_hessian_near_the_cut_locus_stays_finite():
