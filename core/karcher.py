@@ -198,13 +198,16 @@ def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
         outside = (dhd <= 0) | (ee_new >= delta * delta)
         # τ ≥ 0 with ‖η + τd‖ = Δ
         tau = (-ed + (ed * ed + dd * (delta * delta - ee).clamp_min(0)).sqrt()) / dd.clamp_min(tiny)
-        step = torch.where(running, torch.where(outside, tau, alpha), torch.zeros_like(alpha))
-        eta = eta + step[..., None, None] * d
-        heta = heta + step[..., None, None] * hd
-        r = r + step[..., None, None] * hd
+        step = torch.where(running, torch.where(outside, tau, alpha), torch.zeros_like(alpha))[..., None, None]
+        eta.add_(step * d)
+        step_hd = step * hd
+        heta.add_(step_hd)
+        r.add_(step_hd)
         running = running & ~outside
         rr_new = _inner(r, r)
         running = running & (rr_new.sqrt() > target)
+        if not bool(running.any()):          # the rest only prepares the next direction
+            break
         beta = rr_new / rr.clamp_min(tiny)
         d = torch.where(running[..., None, None], -r + beta[..., None, None] * d, d)
         ed = torch.where(running, beta * (ed + alpha * dd), ed)
