@@ -80,6 +80,15 @@ class FactoredSVD:
         return (cross * (weight * self.S)) @ (self.V.T @ v), cross
 
 
+def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x with zero rows appended up to n rows (x itself when it has n)."""
+    if x.shape[0] == n:
+        return x
+    out = x.new_zeros(n, x.shape[1])
+    out[:x.shape[0]] = x
+    return out
+
+
 # GramFactored answers only when both r×r Grams are at most this far from
 # singular (‖G‖_F·‖L⁻¹‖²_F, an upper bound on cond(G), about 600 for random
 # factors): then its bases are orthonormal to ~u·1e5 ≈ 1e-11, and σ_min(ΔW) ≥
@@ -95,7 +104,9 @@ class GramFactored:
     B_a·(scale·L_aᵀL_b)·B_bᵀ with orthonormal B_a = a·L_a⁻ᵀ, B_b = b·L_b⁻ᵀ.
     Same measures as FactoredSVD (energy, col_basis, factors, col_factor,
     row_factor, projected); built by gram_factored when both Grams are well
-    conditioned, so its rank is r (see gram_factored)."""
+    conditioned, so its rank is r (see gram_factored). rows: a and b are zero
+    below their first `rows` rows (a source's columns of upper-triangular frame
+    coordinates), so its products skip those rows (None: use every row)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -103,6 +114,11 @@ class GramFactored:
     l_a: torch.Tensor
     inv_a: torch.Tensor
     l_b: torch.Tensor
+    rows: int | None = None
+
+    def _top(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows that can meet a's or b's nonzero rows."""
+        return x if self.rows is None else x[:self.rows]
 
     @property
     def rank(self) -> int:
@@ -114,11 +130,11 @@ class GramFactored:
 
     @cached_property
     def col_basis(self) -> torch.Tensor:
-        return self.a @ self.inv_a.T
+        return pad_rows(self._top(self.a) @ self.inv_a.T, self.a.shape[0])
 
     @cached_property
     def row_basis(self) -> torch.Tensor:
-        return torch.linalg.solve_triangular(self.l_b, self.b.T, upper=False).T
+        return pad_rows(torch.linalg.solve_triangular(self.l_b, self._top(self.b).T, upper=False).T, self.b.shape[0])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale * self.a, self.b
@@ -131,8 +147,8 @@ class GramFactored:
 
     def projected(self, u: torch.Tensor, v: torch.Tensor, weight: float = 1.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        ua = u.T @ self.a
-        return ((weight * self.scale) * ua) @ (self.b.T @ v), ua @ self.inv_a.T
+        ua = self._top(u).T @ self._top(self.a)
+        return ((weight * self.scale) * ua) @ (self._top(self.b).T @ self._top(v)), ua @ self.inv_a.T
 
 
 def _gram_cholesky(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,16 +161,19 @@ def _gram_cholesky(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return low, inv, (info == 0) & (bound <= GRAM_MAX_COND)
 
 
-def gram_factored(a: torch.Tensor, b: torch.Tensor, scales: list[float]) -> list[GramFactored | None]:
+def gram_factored(a: torch.Tensor, b: torch.Tensor, scales: list[float],
+                  rows: list[int | None] | None = None) -> list[GramFactored | None]:
     """ΔW_k = scale_k·a_k·b_kᵀ for a (K, d_out, r), b (K, d_in, r), as
     GramFactored (one batched call per step for all K), each None when a Gram
-    is near-singular or ΔW_k is (nearly) dead: take its SVD then (svd_from_factors)."""
+    is near-singular or ΔW_k is (nearly) dead: take its SVD then (svd_from_factors).
+    rows: per k, GramFactored.rows."""
     la, inv_a, ok_a = _gram_cholesky(a)
     lb, _, ok_b = _gram_cholesky(b)
     ok = (ok_a & ok_b).tolist()
     out = []
     for k, scale in enumerate(scales):
-        res = GramFactored(a[k], b[k], float(scale), la[k], inv_a[k], lb[k]) if ok[k] else None
+        res = (GramFactored(a[k], b[k], float(scale), la[k], inv_a[k], lb[k], None if rows is None else rows[k])
+               if ok[k] else None)
         # σ_1 ≥ ‖ΔW‖_F/√r: live for sure above this, else the SVD decides
         out.append(res if res is not None and res.energy > res.rank * DEAD_ATOL ** 2 * 4 else None)
     return out
@@ -279,11 +298,21 @@ class Frame:
         return torch.linalg.solve_triangular(self.factor.T, (x.T @ v) / self.norms[:, None], upper=False)
 
 
+_PROBES: dict[tuple, torch.Tensor] = {}     # (n, dtype, device) -> the seeded probes, drawn once
+
+
+def _probes(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, str(device))
+    if key not in _PROBES:
+        g = torch.Generator().manual_seed(n)
+        _PROBES[key] = torch.randn(n, FRAME_PROBES, generator=g, dtype=dtype).to(device)
+    return _PROBES[key]
+
+
 def _inverse_bounded(factor: torch.Tensor) -> bool:
     """‖factor⁻¹‖²_F ≤ FRAME_MAX_INV_GRAM (see FRAME_PROBES)."""
     n = factor.shape[0]
-    probes = torch.randn(n, FRAME_PROBES, generator=torch.Generator().manual_seed(n), dtype=factor.dtype)
-    y = torch.linalg.solve_triangular(factor.T, probes.to(factor.device), upper=False)
+    y = torch.linalg.solve_triangular(factor.T, _probes(n, factor.dtype, factor.device), upper=False)
     if float((y * y).sum()) / FRAME_PROBES <= FRAME_MAX_INV_GRAM / FRAME_PROBE_MARGIN:
         return True
     inv = torch.linalg.solve_triangular(factor, torch.eye(n, dtype=factor.dtype, device=factor.device), upper=True)

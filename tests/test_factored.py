@@ -112,13 +112,18 @@ def test_leading_svd_matches_full_svd_or_declines():
     assert leading_svd(m, 5) is not None and leading_svd(m, 6) is None
 
 
-def test_gram_factored_measures_equal_the_dense_ones():
+@pytest.mark.parametrize("top", [None, 20])
+def test_gram_factored_measures_equal_the_dense_ones(top):
     """energy, column and row bases, factors, column/row factors and projections of
-    scale·a·bᵀ from its two Cholesky factors, against the dense matrix."""
+    scale·a·bᵀ from its two Cholesky factors, against the dense matrix; top: a and
+    b zero below row 20 (a source's columns of frame coordinates), said by rows."""
     g = torch.Generator().manual_seed(4)
     a, b = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (50, 70))
     a[:, 1] += 3 * a[:, 0]                                    # correlated columns: still well conditioned
-    res = gram_factored(a[None], b[None], [-0.7])[0]
+    if top is not None:
+        a[top:], b[top:] = 0, 0
+    res = gram_factored(a[None], b[None], [-0.7], [top])[0]
+    assert res.rows == top
     dw = -0.7 * a @ b.T
     assert res is not None and res.rank == 6
     assert abs(res.energy - float((dw ** 2).sum())) < 1e-12 * float((dw ** 2).sum())

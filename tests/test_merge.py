@@ -151,7 +151,7 @@ def test_report_from_gram_blocks_equals_the_svd_path_and_dense(method, third, mo
     fast = merge(srcs, w, method=method, rank=rank, dtype=F64)
     # per module: the two full-rank sources from their Grams, the two deficient ones by their SVD
     assert [x is not None for x in taken] == [True, True, False, False] * len(NAMES)
-    monkeypatch.setattr(basis, "gram_factored", lambda a, b, scales: [None] * len(scales))   # all by SVDs
+    monkeypatch.setattr(basis, "gram_factored", lambda a, b, scales, rows: [None] * len(scales))   # all by SVDs
     exact = merge(srcs, w, method=method, rank=rank, dtype=F64)
     for mf, me in zip(fast.report.modules, exact.report.modules):
         dm = fast.lora.modules[mf.name].delta()

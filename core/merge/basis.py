@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..factored import FactoredSVD, Frame, GramFactored, frame, gram_factored, module_svd, modules_svd, svd_from_factors
+from ..factored import (FactoredSVD, Frame, GramFactored, frame, gram_factored, module_svd, modules_svd, pad_rows,
+                        svd_from_factors)
 from ..lora import LoraFile, LoraModule
 
 
@@ -109,10 +110,15 @@ class Job:
 
     @property
     def target_core(self) -> torch.Tensor:
-        """Σ w_k ΔW_k in frame coordinates (n_out×n_in), formed once."""
+        """Σ w_k ΔW_k in frame coordinates (n_out×n_in), formed once: from the
+        frames' coordinates when every member is a Gram-measured source (its
+        columns of the coordinates are its factors), else from target_factors."""
         if self._core is None:
-            up, down = target_factors(self)
-            self._core = up @ down
+            if len(self.sources) == len(self.members) and all(s.gram is not None for s in self.sources):
+                self._core = _coords_core(self.frames, [(s.weight * s.gram.scale, s.rank) for s in self.sources])
+            else:
+                up, down = target_factors(self)
+                self._core = up @ down
         return self._core
 
     def core_error(self, res: FactoredSVD) -> float:
@@ -204,8 +210,9 @@ def stacked(modules: list[LoraModule], dev: torch.device, work: Workspace) -> tu
 def framed_sources(modules: list[LoraModule], dev: torch.device, work: Workspace
                    ) -> tuple[tuple[Frame, Frame], list[tuple[GramFactored | None, Callable[[], FactoredSVD]]]]:
     """Frames of the stacked factors and per module its GramFactored in their
-    coordinates (None when its Grams are near-singular or it is nearly dead)
-    and a function giving its exact SVD there."""
+    coordinates (None when its Grams are near-singular or it is nearly dead;
+    both coordinates are upper triangular, so module k's columns end at row
+    k's last column: GramFactored.rows) and a function giving its exact SVD there."""
     xs = stacked(modules, dev, work)
     frames = (frame(xs[0]), frame(xs[1]))
     ranks = [m.factor_rank for m in modules]
@@ -213,9 +220,9 @@ def framed_sources(modules: list[LoraModule], dev: torch.device, work: Workspace
     coords = [f.coords for f in frames]
     if len(set(ranks)) == 1:                     # the usual case: one batched call for all sources
         grams = gram_factored(*(c.reshape(c.shape[0], len(ranks), ranks[0]).permute(1, 0, 2) for c in coords),
-                              [m.scale for m in modules])
+                              [m.scale for m in modules], bounds[1:])
     else:
-        grams = [gram_factored(*(c[None, :, i:j] for c in coords), [m.scale])[0]
+        grams = [gram_factored(*(c[None, :, i:j] for c in coords), [m.scale], [j])[0]
                  for m, i, j in zip(modules, bounds, bounds[1:])]
     exact = [lambda m=m, i=i, j=j: _svd_upper(coords[0][:, i:j], coords[1][:, i:j], m.scale, j)
              for m, i, j in zip(modules, bounds, bounds[1:])]
@@ -228,15 +235,7 @@ def _svd_upper(a: torch.Tensor, b: torch.Tensor, scale: float, stop: int) -> Fac
     are zero below row `stop` (the source's last column + 1) and its QRs run on
     those rows only."""
     res = svd_from_factors(a[:min(stop, a.shape[0])], b[:min(stop, b.shape[0])].T, scale)
-    return FactoredSVD(_pad_rows(res.U, a.shape[0]), res.S, _pad_rows(res.V, b.shape[0]))
-
-
-def _pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    if x.shape[0] == n:
-        return x
-    out = x.new_zeros(n, x.shape[1])
-    out[:x.shape[0]] = x
-    return out
+    return FactoredSVD(pad_rows(res.U, a.shape[0]), res.S, pad_rows(res.V, b.shape[0]))
 
 
 def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev: torch.device,
@@ -266,6 +265,22 @@ def prepare(name: str, ks: list[int], loras: list[LoraFile], w: list[float], dev
         live, frames = [Source(only.index, only.weight, only.module, only.label, svd=res.top(res.effective_rank))], None
     return Job(name, live[0].module.weight_shape, live, frames=frames,
                members=modules if frames is not None else [], workspace=work if frames is not None else None)
+
+
+def _coords_core(frames: tuple[Frame, Frame], columns: list[tuple[float, int]]) -> torch.Tensor:
+    """Σ_k c_k·A_k·B_kᵀ for the frames' coordinates A = [A_1 …], B = [B_1 …] and
+    (c_k, width of block k) in order. Both coordinates are upper triangular, so
+    block k lives in the leading rows up to its last column: the product is a
+    sum of growing leading blocks, about half the flops of A·diag(c)·Bᵀ."""
+    out, inn = (f.coords for f in frames)
+    core = out.new_zeros(out.shape[0], inn.shape[0])
+    start = 0
+    for c, width in columns:
+        stop = start + width
+        i, j = min(stop, out.shape[0]), min(stop, inn.shape[0])
+        core[:i, :j].addmm_(out[:i, start:stop], inn[:j, start:stop].T, alpha=c)
+        start = stop
+    return core
 
 
 def split(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
