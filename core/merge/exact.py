@@ -23,7 +23,7 @@ import torch
 from ..factored import DEAD_ATOL, RANK_RTOL, FactoredSVD, leading_svd
 from .basis import Job, Merged, split
 from .plan import Options
-from .truncate import finish
+from .truncate import finish, live_count
 
 
 def _shrink(n: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,6 @@ def svd(job: Job, opts: Options) -> Merged:
         if res is not None:
             return Merged(*split(res.U, res.S, res.V), known=res, error=job.core_error(res))
     res = job.target
-    p = min(job.rank, int((res.S > RANK_RTOL * res.S[0]).sum()))
+    p = min(job.rank, live_count(res.S))
     return Merged(*split(res.U[:, :p], res.S[:p], res.V[:, :p]), known=res.top(p),
                   error=float(torch.linalg.vector_norm(res.S[p:])))

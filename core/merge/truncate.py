@@ -58,9 +58,14 @@ def cut(job: Job, s: torch.Tensor, opts: Options, rank_auto=energy_rank) -> tupl
         p = rank_auto(job, s, opts.energy) if s.numel() else 0
     else:
         p = min(job.rank, s.numel())
-        job.capped = job.capped or (opts.rank is not None and p < opts.rank)
+        _mark_capped(job, p, opts)
     total = float(torch.linalg.vector_norm(s))
     return p, float(torch.linalg.vector_norm(s[p:])) / total if total > 0 else 0.0
+
+
+def _mark_capped(job: Job, p: int, opts: Options) -> None:
+    """Note in the job when it keeps fewer directions (p) than the rank asked for."""
+    job.capped = job.capped or (opts.rank is not None and p < opts.rank)
 
 
 def _merged(job: Job, known: FactoredSVD, trunc: float) -> Merged:
@@ -81,7 +86,7 @@ def finish_core(job: Job, u: torch.Tensor, core: torch.Tensor, v: torch.Tensor, 
         if res is not None:
             total = float(torch.linalg.matrix_norm(core))
             trunc = float(torch.linalg.matrix_norm((res.U * res.S) @ res.V.T - core)) / total
-            job.capped = job.capped or (opts.rank is not None and job.rank < opts.rank)
+            _mark_capped(job, job.rank, opts)
             return _merged(job, FactoredSVD(u @ res.U, res.S, v @ res.V), trunc)
     p, s, qh = torch.linalg.svd(core, full_matrices=False)
     return finish(job, FactoredSVD(u @ p, s, v @ qh.T), opts)
