@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoraError
-from .grassmann import cholesky_qr, reorthonormalize
+from .grassmann import cholesky_qr, least_cos2, reorthonormalize
 
 MEDIAN_EPS = 1e-10     # IRLS floor on a distance: a source the median passes through keeps a finite weight
 MEDIAN_TOL = 1e-10     # IRLS stops when the relative decrease of Σ w_k d_k is below this
@@ -136,16 +136,9 @@ class Gram:
 
     def max_angle(self, coef: torch.Tensor) -> torch.Tensor:
         """Largest principal angle between Z·coef and any source (…,), over min(p, p_k)
-        angles: cos² of it is the least eigenvalue of the smaller Gram of the cross blocks
-        (one batched eigvalsh for equal ranks; arccos of the root: a report figure, ~1e-8
-        off for tiny angles)."""
-        blocks = self.cross(coef)
-        grams = [b.transpose(-1, -2) @ b if b.shape[-1] <= b.shape[-2] else b @ b.transpose(-1, -2) for b in blocks]
-        if len({g.shape[-1] for g in grams}) == 1:
-            least = torch.linalg.eigvalsh(torch.stack(grams, -3))[..., 0]
-        else:
-            least = torch.stack([torch.linalg.eigvalsh(g)[..., 0] for g in grams], -1)
-        return torch.arccos(least.amin(-1).clamp(0.0, 1.0).sqrt())
+        angles, from the cross blocks' least cos² (grassmann.least_cos2; arccos of the root:
+        a report figure, ~1e-8 off for tiny angles)."""
+        return torch.arccos(least_cos2(self.cross(coef)).amin(-1).sqrt())
 
     def chordal_distances(self, coef: torch.Tensor) -> torch.Tensor:
         """d_chordal(Z·coef, U_k) (…, K): √(min(p, p_k) − ‖XᵀU_k‖²_F)."""
