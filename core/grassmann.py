@@ -29,7 +29,7 @@ def least_cos2(blocks: list[torch.Tensor]) -> torch.Tensor:
     orthonormal X, Y: the least eigenvalue of its smaller Gram (one batched
     eigvalsh when the Grams have equal sizes, about half an svdvals' time). The
     widest angle's arccos √· is a report figure: ~1e-8 rad off near 0."""
-    grams = [b.transpose(-1, -2) @ b if b.shape[-1] <= b.shape[-2] else b @ b.transpose(-1, -2) for b in blocks]
+    grams = [smaller_gram(b) for b in blocks]
     if len({g.shape[-1] for g in grams}) == 1:
         return torch.linalg.eigvalsh(torch.stack(grams, -3))[..., 0].clamp(0.0, 1.0)
     return torch.stack([torch.linalg.eigvalsh(g)[..., 0] for g in grams], -1).clamp(0.0, 1.0)
@@ -94,9 +94,13 @@ def gram_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """m's singular values (descending, ≥ 0) and the matching singular vectors of
     its smaller side, from one eigh of its smaller Gram: values with absolute
     errors ~n·u·σ_1²/σ, vectors to match (callers bound σ/σ_1 from below)."""
-    tall = m.shape[-2] >= m.shape[-1]
-    lam, vec = torch.linalg.eigh(_t(m) @ m if tall else m @ _t(m))
+    lam, vec = torch.linalg.eigh(smaller_gram(m))
     return lam.flip(-1).clamp_min(0).sqrt(), vec.flip(-1)
+
+
+def smaller_gram(m: torch.Tensor) -> torch.Tensor:
+    """mᵀm for a tall (or square) m, else m·mᵀ: the Gram of its smaller side."""
+    return _t(m) @ m if m.shape[-2] >= m.shape[-1] else m @ _t(m)
 
 
 def tangent_projection(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
