@@ -388,6 +388,18 @@ def test_partial_modules_merged_among_owners_and_single_ones_copied():
     assert res.report.summary()["status"] == {"merged": 2, "partial": 1, "copied": 2}
 
 
+@pytest.mark.parametrize("method", ["linear", "concat", "svd"])
+def test_a_source_dead_in_one_module_is_left_out_of_the_exact_sum(method):
+    """Two live sources and one dead there (its frames' columns count with weight 0)."""
+    srcs = [lora(1, rank=4), lora(2, rank=6), lora(3, rank=2)]
+    srcs[2].modules[NAMES[0]].up.zero_()
+    w = [0.7, -0.4, 1.5]
+    res = merge(srcs, w, method=method, rank=12 if method == "svd" else None)     # svd: full rank, exact
+    for name in NAMES:
+        assert rel(res.lora.modules[name].delta(), target(srcs, w, name)) < 1e-6
+    assert res.report.summary()["rel_error"] < 1e-10
+
+
 def test_dead_modules_are_skipped_or_left_out_never_nan():
     a, b = lora(1), lora(2)
     a.modules[NAMES[0]].up.zero_()                      # dead in one source: b's own factors, weighted

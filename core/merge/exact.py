@@ -53,8 +53,8 @@ def linear(job: Job, opts: Options) -> Merged:
     if job.frames is None:
         return Merged(up, down)
     out, inn = (f.coords for f in job.frames)
-    cols = torch.cat([torch.full((s.module.factor_rank,), s.weight * s.module.scale, dtype=out.dtype,
-                                 device=out.device) for s in job.sources])
+    cols = torch.cat([torch.full((m.factor_rank,), c, dtype=out.dtype, device=out.device)
+                      for m, c in zip(job.members, _member_weights(job))])
     core = (out * cols) @ inn.T
     error = float(torch.linalg.matrix_norm(core - job.target_core))
     sv = torch.linalg.svdvals(core)
@@ -64,6 +64,22 @@ def linear(job: Job, opts: Options) -> Merged:
         return Merged(up, down, error=error, spans=(eye, eye), module_space=True)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return Merged(up, down, known=FactoredSVD(u, s, vh.T), error=error, module_space=True)
+
+
+def _member_weights(job: Job) -> list[float]:
+    """w_k·s_k per member of the frames, in order; 0 for a member dead here (the
+    sources are the live members, in the same order; a LoRA given twice is one
+    module object twice)."""
+    live = iter(job.sources)
+    source = next(live, None)
+    out = []
+    for member in job.members:
+        if source is not None and source.module is member:
+            out.append(source.weight * source.module.scale)
+            source = next(live, None)
+        else:
+            out.append(0.0)
+    return out
 
 
 def svd(job: Job, opts: Options) -> Merged:
