@@ -110,8 +110,8 @@ def main():
         n_pairs = len(rep.results)
         print(f"ours: compare(side='both', workers=1), {n_pairs} module-sides: {t_one:7.2f} s"
               f"  ({1000 * t_one / len(la.modules):.1f} ms a module)")
-        from core.similarity import MAX_WORKERS
-        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        from core.workers import worker_count
+        workers = worker_count(None, torch.device("cpu"))
         t_ours, rep_par = timed(lambda: compare(la, lb, side="both"))
         assert max(abs(x.phi - y.phi) for x, y in zip(rep.results, rep_par.results)) < 1e-12
         print(f"ours: compare(side='both'), default {workers} worker threads:  {t_ours:7.2f} s"

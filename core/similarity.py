@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,9 +36,9 @@ from .measures import DISTANCES, HALF_PI, chance_grid, chance_phi, cross_rank_ge
     phi_from_cosines, phi_grid
 from .save import write_text
 from .sdarch import arch_for
+from .workers import ordered_map, worker_count
 
 SIDES = ("out", "in")
-MAX_WORKERS = 8
 SIDE_WORDS = {"out": "output side (column space, left singular vectors)",
               "in": "input side (row space, right singular vectors)"}
 WEIGHTS = {
@@ -442,7 +440,8 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     restrict to these canonical names (others count as neither shared nor
     missing). Runs on the CPU unless ``device`` says otherwise, with
     ``workers`` threads over modules (default: one per core, at most
-    MAX_WORKERS), each doing single-threaded linear algebra.
+    core.workers.MAX_WORKERS; always 1 off the CPU), each doing
+    single-threaded linear algebra.
     ``progress(done, total)`` is called after each shared module (in module
     order, from the calling thread); raising inside it stops the comparison
     (how ComfyUI cancels): modules not yet started are dropped.
@@ -463,32 +462,17 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     sides = SIDES if side == "both" else (side,)
     report = SimilarityReport(a, b, side, top, [], only_a, only_b)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    workers = max(1, workers if workers is not None else
-                  (min(os.cpu_count() or 1, MAX_WORKERS) if dev.type == "cpu" else 1))
+    workers = worker_count(workers, dev)
 
     def one(n: str) -> list[ModuleResult]:
         with torch.no_grad():           # grad mode is per thread
             return _compare_module(report, n, sides, top, _group_of(family, n), depth[n], dev)
 
-    # Modules are independent: single-threaded linear algebra (much faster for
-    # these small matrices) in several Python threads, which torch lets run
-    # in parallel because it releases the GIL inside its kernels.
-    with linalg_threads(1 if dev.type == "cpu" else None):
-        if workers == 1 or len(shared) < 2:
-            per_module = map(one, shared)
-            pool = None
-        else:
-            # OpenMP thread counts are per thread: each worker sets its own to 1.
-            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
-            per_module = pool.map(one, shared)
-        try:
-            for done, results in enumerate(per_module, 1):
-                report.results.extend(results)
-                if progress is not None:
-                    progress(done, len(shared))
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+    with linalg_threads(1 if dev.type == "cpu" else None), ordered_map(one, shared, workers) as per_module:
+        for done, results in enumerate(per_module, 1):
+            report.results.extend(results)
+            if progress is not None:
+                progress(done, len(shared))
     return report
 
 

@@ -1,0 +1,64 @@
+"""Modules in parallel on the CPU: one Python thread per core, each doing
+single-threaded linear algebra.
+
+The modules of a LoRA are independent, and torch releases the GIL inside its
+kernels, so a pool of threads over modules uses every core without the
+intra-op threads that make small factorisations 5–100× slower here
+(core.device). Measured on 2 cores: whole-LoRA merges 1.85–2.0× faster with
+2 workers (svd, ties, karcher), results bit-identical (each module is
+computed by one thread, whatever the schedule).
+
+Callers run the pool inside ``linalg_threads(1)``: OpenMP and MKL thread
+counts are per thread, so each worker also sets its own to 1 when it starts
+(torch's process-wide count, which the caller restores, stays 1 meanwhile).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+MAX_WORKERS = 8          # beyond this the GIL-held Python between kernels stops scaling
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int | None, device: torch.device) -> int:
+    """Threads over modules: `requested` (at least 1), else one per CPU up to
+    MAX_WORKERS; always 1 off the CPU (the GPU runs one stream of kernels)."""
+    if device.type != "cpu":
+        return 1
+    if requested is not None:
+        return max(1, int(requested))
+    return min(cpu_count(), MAX_WORKERS)
+
+
+@contextlib.contextmanager
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[Iterator[R]]:
+    """fn over items on `workers` threads; yields an iterator of the results in
+    items' order (an item's exception is raised at its place). Leaving the
+    block early (the caller stopped, e.g. cancelled from a progress callback)
+    drops every item not yet started and waits for the running ones, so
+    nothing runs on after the block. With one worker (or one item) fn runs
+    in the calling thread."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        yield map(fn, items)
+        return
+    pool = ThreadPoolExecutor(min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        yield pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
