@@ -187,28 +187,44 @@ def _tcg(f: _Cost, delta: torch.Tensor, active: torch.Tensor, tol: float):
     running = active.clone()
     products = torch.zeros_like(f.gnorm, dtype=torch.long)
     tiny = torch.finfo(rr.dtype).tiny
-    for _ in range(MAX_INNER):
-        if not bool(running.any()):
-            break
+    delta2 = delta * delta
+    # Per iteration ~40 small operations on (batch,) scalars cost as much as the product on a
+    # CPU: the boundary step τ is formed only when some element leaves the region, and the
+    # masks are skipped while every element runs (the same values either way).
+    every = bool(running.all())
+    for _ in range(MAX_INNER if bool(running.any()) else 0):
         hd = hess(d)
         products += running.long()
         dhd = _inner(d, hd)
         alpha = rr / torch.where(dhd > 0, dhd, torch.ones_like(dhd))
         ee_new = ee + 2 * alpha * ed + alpha * alpha * dd
-        outside = (dhd <= 0) | (ee_new >= delta * delta)
-        # τ ≥ 0 with ‖η + τd‖ = Δ
-        tau = (-ed + (ed * ed + dd * (delta * delta - ee).clamp_min(0)).sqrt()) / dd.clamp_min(tiny)
-        step = torch.where(running, torch.where(outside, tau, alpha), torch.zeros_like(alpha))[..., None, None]
+        outside = (dhd <= 0) | (ee_new >= delta2)
+        step, leaving = alpha, bool(outside.any())
+        if leaving:
+            # τ ≥ 0 with ‖η + τd‖ = Δ
+            tau = (-ed + (ed * ed + dd * (delta2 - ee).clamp_min(0)).sqrt()) / dd.clamp_min(tiny)
+            step = torch.where(outside, tau, alpha)
+        if not every:
+            step = torch.where(running, step, torch.zeros_like(step))
+        if leaving:
+            running = running & ~outside
+        step = step[..., None, None]
         eta.add_(step * d)
         step_hd = step * hd
         heta.add_(step_hd)
         r.add_(step_hd)
-        running = running & ~outside
         rr_new = _inner(r, r)
         running = running & (rr_new.sqrt() > target)
-        if not bool(running.any()):          # the rest only prepares the next direction
+        left = int(running.sum())
+        if not left:                         # the rest only prepares the next direction
             break
+        every = left == running.numel()
         beta = rr_new / rr.clamp_min(tiny)
+        if every:
+            d = d.mul_(beta[..., None, None]).sub_(r)
+            ed, dd = beta * (ed + alpha * dd), rr_new + beta * beta * dd
+            ee, rr = ee_new, rr_new
+            continue
         d = torch.where(running[..., None, None], -r + beta[..., None, None] * d, d)
         ed = torch.where(running, beta * (ed + alpha * dd), ed)
         dd = torch.where(running, rr_new + beta * beta * dd, dd)

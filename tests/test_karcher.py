@@ -97,6 +97,22 @@ def test_batched_means_equal_one_at_a_time():
         assert int(batch.iterations[i]) == int(one.iterations)
 
 
+
+def test_batch_mixing_near_and_unrelated_sources_equals_one_at_a_time():
+    # elements whose truncated CG stops at different inner steps (residual, boundary,
+    # negative curvature) and whose outer iterations end at different steps
+    near_set = torch.stack([near(orth(12, 3, seed=7), 0.1, 3, seed=70)])
+    far = [torch.stack([orth(12, 3, seed=200 + 10 * b + i) for i in range(3)]) for b in range(3)]
+    bases = torch.cat([near_set, torch.stack(far)])
+    w = torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 1.0], [0.5, 1.0, 2.0], [2.0, 1.0, 1.0]], dtype=F64)
+    batch = karcher_mean(bases, w)
+    assert len(set(batch.iterations.tolist())) > 1
+    for i in range(len(bases)):
+        one = karcher_mean(bases[i], w[i])
+        assert max_angle(batch.mean[i], one.mean) < 1e-9
+        assert int(batch.iterations[i]) == int(one.iterations)
+        assert int(batch.hess_products[i]) == int(one.hess_products)
+
 def test_gradient_at_mean_vanishes_by_independent_log_sum():
     """Σ w_k Log_M(U_k) recomputed with the textbook inverse formula (fine away
     from π/2): Log = U·atan(Σ)·Vᵀ with UΣVᵀ = (I − MMᵀ)U_k(MᵀU_k)⁻¹."""
