@@ -13,7 +13,10 @@ By default every method runs on a sample of --per-shape modules of each
 distinct shape and the whole-LoRA time is EXTRAPOLATED by module count (printed
 as such); --full [svd] [karcher] runs our merges on every module in one call each
 (the dense baselines stay sampled unless --full-dense, thin only). Everything runs with the same torch
-thread count (1 by default, --threads N), printed.
+thread count (1 by default, --threads N), printed, and merges one module at a
+time (--workers 1); the "workers" section then runs whole-sample merges with
+one worker and with one per CPU (core.workers: modules in parallel, each on
+one thread) in the same run and prints the ratio (--workers-only: just that).
 
 Floor per shape (measured, printed): an exact factored svd merge must at least
 read the stacked factors into two Σr×Σr Grams (d_out·Σr² and d_in·Σr²
@@ -29,6 +32,7 @@ the sample for a quick run, --skip-dense to skip the dense baselines).
     python bench/bench_merge.py [--per-shape 2] [--related EPS] [--full [svd] [karcher]] [--full-dense]
                                 [--device cuda] [--max-iter N] [--skip-kohya] [--skip-means]
                                 [--batch-modules 16] [--methods M ...] [--modules N] [--skip-dense] [--repeat N]
+                                [--workers N] [--workers-only] [--skip-workers]
 """
 from __future__ import annotations
 
@@ -46,10 +50,13 @@ from core.device import linalg_threads  # noqa: E402
 from core.lora import LoraFile  # noqa: E402
 from core.merge import TABLE, merge  # noqa: E402
 from core.synthetic import perturbed_lora, random_lora  # noqa: E402
+from core.workers import cpu_count, worker_count  # noqa: E402
 
 RANK = 64
 WEIGHTS = [0.25, 0.25, 0.25, 0.25]
 MEANS = ("karcher", "chordal", "flag-median")    # the geometric means, timed against our svd merge
+WORKER_METHODS = ("svd", "ties", "karcher")      # the workers comparison
+WORKERS = 1                                      # modules at once in our merges (--workers)
 
 
 def timed(fn):
@@ -87,6 +94,7 @@ def dense_svd_merge(loras: list[LoraFile], names: list[str], device, full_matric
 
 def our_merge(loras, names, method, device, **kw):
     sync(device)
+    kw.setdefault("workers", WORKERS)
     rank = RANK if TABLE[method].ranked else None
     t, res = timed(lambda: (merge(subset(loras, names), WEIGHTS, method=method, rank=rank,
                                   device=device, **kw), sync(device))[0])
@@ -128,6 +136,27 @@ def every_method(loras, by_shape, sample, floor, methods, dev, args) -> None:
     print(f"{'whole LoRA':>18} {floor_total:>7.1f} {totals['svd']:>7.1f} {totals['svd'] / floor_total:>8.2f}× " +
           " ".join(f"{totals[m] / totals['svd']:>9.2f}×" for m in cols) +
           f"   (seconds EXTRAPOLATED from {len(sample)} modules × count)")
+
+
+def workers_comparison(loras, sample, dev, args) -> None:
+    """Whole-sample merges (one call each) with one worker and with one per CPU,
+    same run, interleaved; results must be bit-identical (each module is
+    computed by one thread whatever the schedule)."""
+    many = worker_count(None, dev)
+    print(f"\nworkers: {len(sample)}-module sample in one merge call, 1 worker vs {many} "
+          f"({cpu_count()} CPUs; best of {args.repeat}; each worker on one torch thread)")
+    for method in WORKER_METHODS:
+        best = {}
+        for _ in range(args.repeat):
+            for n in (1, many):
+                t, res = our_merge(loras, sample, method, dev, max_iter=args.max_iter, workers=n)
+                if n not in best or t < best[n][0]:
+                    best[n] = (t, res)
+        (t1, r1), (tn, rn) = best[1], best[many]
+        same = all(torch.equal(r1.lora.modules[k].up, rn.lora.modules[k].up) and
+                   torch.equal(r1.lora.modules[k].down, rn.lora.modules[k].down) for k in r1.lora.modules)
+        print(f"  {method:<8} 1 worker {t1:7.2f} s   {many} workers {tn:7.2f} s   {t1 / tn:.2f}× "
+              f"({'bit-identical' if same else 'RESULTS DIFFER'})")
 
 
 def floor_time(loras: list[LoraFile], name: str, device) -> float:
@@ -203,8 +232,14 @@ def main() -> None:
                              "for a loaded machine")
     parser.add_argument("--skip-dense", action="store_true",
                         help="only the every-method table (no dense baselines, no karcher extras)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="modules at once in our merges outside the workers section (default 1)")
+    parser.add_argument("--workers-only", action="store_true", help="only the workers comparison")
+    parser.add_argument("--skip-workers", action="store_true", help="skip the workers comparison")
     args = parser.parse_args()
     dev = torch.device(args.device)
+    global WORKERS
+    WORKERS = args.workers
 
     print(f"torch {torch.__version__}, device {dev}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -237,6 +272,9 @@ def main() -> None:
             total += len(group) * sum(seen) / len(seen) if seen else 0.0
         return total
 
+    if args.workers_only:
+        workers_comparison(loras, sample, dev, args)
+        return
     if args.skip_dense:
         with linalg_threads(args.threads if dev.type == "cpu" else None):
             floor = {n: floor_time(loras, n, dev) for n in sample}
@@ -331,6 +369,8 @@ def main() -> None:
                      r_loop.lora.modules[n].delta().norm()) for n in same)
     print(f"karcher on {len(same)} modules of one shape ({shape.d_out}×{shape.d_in}): loop {t_loop:.2f} s, "
           f"batched {t_batch:.2f} s (results differ by {diff:.1e} relative)")
+    if dev.type == "cpu" and not args.skip_workers:
+        workers_comparison(loras, sample, dev, args)
     every_method(loras, by_shape, sample, floor, args.methods, dev, args)
 
 

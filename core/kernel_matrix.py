@@ -50,6 +50,7 @@ from .formats import require_same_base
 from .lora import LoraFile
 from .save import write_text
 from .sdarch import TABLE_FAMILIES, arch_for
+from .workers import ordered_map, worker_count
 
 SIDES = ("out", "in", "both")
 SIDE_WORDS = {"out": "output side (column space)", "in": "input side (row space)",
@@ -358,14 +359,15 @@ def _gram_statistics(bases: list[torch.Tensor], binet_cauchy: bool
 
 def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter: str | None = None,
                     top: int | None = None, binet_cauchy: bool = False, device: torch.device | str | None = None,
-                    threads: int | None = 1,
+                    threads: int | None = 1, workers: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> PairStatistics:
     """Per-module pair statistics for N LoRAs (one factored SVD per LoRA per module).
 
     ``binet_cauchy`` also computes log δ (needed by the bc-/bc2- kernels).
     ``progress(done, total)`` is called after each module; raising inside it
     stops the work (how ComfyUI cancels). ``threads`` caps torch's CPU threads
-    for the duration (1 measured fastest on small 2-core machines)."""
+    for the duration (1 measured fastest on small 2-core machines); with 1,
+    ``workers`` modules run at once (core.workers: default one per CPU)."""
     loras = list(loras)
     if not loras:
         raise LoraError("no LoRAs to compare")
@@ -392,26 +394,34 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
     shared = np.zeros((n, n), dtype=int)
     terms: list[TermStats] = []
     sides = ("out", "in") if side == "both" else (side,)
-    # no_grad: factors loaded from pickles may carry requires_grad
-    with linalg_threads(threads if device.type == "cpu" else None), torch.no_grad():
-        for done, name in enumerate(modules, 1):
+
+    def one(name):
+        """A module's live members (index, SVD), dead holders and per-side terms."""
+        # no_grad (per thread): factors loaded from pickles may carry requires_grad
+        with torch.no_grad():
             holders = [i for i, lora in enumerate(loras) if name in lora.modules]
             svds = modules_svd([loras[i].modules[name] for i in holders], device=device)
-            members = []
-            for i, f in zip(holders, svds):
-                if f.dead:
-                    dead[i] += 1
-                else:
-                    members.append((i, f))
-            if members:
-                idx = np.array([i for i, _ in members])
+            members = [(i, f) for i, f in zip(holders, svds) if not f.dead]
+            gone = [i for i, f in zip(holders, svds) if f.dead]
+            if not members:
+                return gone, None, []
+            idx = np.array([i for i, _ in members])
+            ranks = np.array([min(f.effective_rank, top or f.effective_rank) for _, f in members])
+            out = []
+            for sd in sides:
+                bases = [(f.U if sd == "out" else f.V)[:, :r] for (_, f), r in zip(members, ranks)]
+                s, log_delta, m = _gram_statistics(bases, binet_cauchy)
+                out.append(TermStats(name, sd, idx, ranks, s, log_delta, m))
+            return gone, idx, out
+
+    workers = worker_count(workers, device) if threads == 1 else 1
+    with linalg_threads(threads if device.type == "cpu" else None), ordered_map(one, modules, workers) as results:
+        for done, (gone, idx, module_terms) in enumerate(results, 1):
+            dead[gone] += 1
+            if idx is not None:
                 live[idx] += 1
                 shared[np.ix_(idx, idx)] += 1
-                ranks = np.array([min(f.effective_rank, top or f.effective_rank) for _, f in members])
-                for sd in sides:
-                    bases = [(f.U if sd == "out" else f.V)[:, :r] for (_, f), r in zip(members, ranks)]
-                    s, log_delta, m = _gram_statistics(bases, binet_cauchy)
-                    terms.append(TermStats(name, sd, idx, ranks, s, log_delta, m))
+                terms.extend(module_terms)
             if progress is not None:
                 progress(done, len(modules))
 

@@ -148,7 +148,7 @@ def test_report_from_gram_blocks_equals_the_svd_path_and_dense(method, third, mo
     taken = []
     real = basis.gram_factored
     monkeypatch.setattr(basis, "gram_factored", lambda *args: taken.extend(real(*args)) or taken[-len(args[2]):])
-    fast = merge(srcs, w, method=method, rank=rank, dtype=F64)
+    fast = merge(srcs, w, method=method, rank=rank, dtype=F64, workers=1)    # one worker: calls in module order
     # per module: the two full-rank sources from their Grams, the two deficient ones by their SVD
     assert [x is not None for x in taken] == [True, True, False, False] * len(NAMES)
     monkeypatch.setattr(basis, "gram_factored", lambda a, b, scales, rows: [None] * len(scales))   # all by SVDs

@@ -1,6 +1,7 @@
 """`python -m core merge A B [C …] -o OUT`: merge LoRAs into one loadable LoRA."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from ..errors import LoraError
@@ -51,10 +52,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dare-drop", type=float, default=0.5, help="dare: drop probability")
     parser.add_argument("--seed", type=int, default=0, help="dare: random seed")
     parser.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+    parser.add_argument("--workers", type=_workers, default=None, metavar="N",
+                        help="CPU: modules merged at once, one thread each (default: one per CPU, at most 8)")
 
 
 def _rank(text: str):
     return "auto" if text == "auto" else int(text)
+
+
+def _workers(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be at least 1, got {n}")
+    return n
 
 
 def run(args) -> int:
@@ -73,7 +83,7 @@ def run(args) -> int:
                    space=args.space, keep=args.keep, energy=args.energy, normalise=args.normalise,
                    block_weights=None if not args.block_weights else
                    [None if x == "-" else x for x in args.block_weights],
-                   progress=terminal_progress("merging"))
+                   workers=args.workers, progress=terminal_progress("merging"))
     print(result.report.table())
     path = result.save(args.output, overwrite=args.overwrite)
     print(f"\nwrote {path}: {len(result.lora.modules)} modules, {result.lora.family_label}, {args.dtype}")

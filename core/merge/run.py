@@ -10,7 +10,9 @@ in the report, never written as NaN.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from typing import Callable
 
 import torch
@@ -20,6 +22,7 @@ from ..errors import LoraError
 from ..formats import require_same_base
 from ..lora import LoraFile, LoraModule, module_part
 from ..sdarch import TABLE_FAMILIES, arch_for
+from ..workers import ordered_map, worker_count
 from . import methods
 from .basis import Merged, Workspace, prepare
 from .fidelity import fidelity
@@ -38,7 +41,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           threads: int | None = 1, tol: float | None = None, max_iter: int | None = None,
           progress: Callable[[int, int], None] | None = None, space: str | None = None,
           keep: float | None = None, energy: float = 0.99,
-          block_weights: list[str | None] | None = None, normalise: bool = False) -> MergeResult:
+          block_weights: list[str | None] | None = None, normalise: bool = False,
+          workers: int | None = None) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA (methods: core.merge.methods).
 
     dtype: factor dtype of the result (computation is float64, except the dense
@@ -51,7 +55,9 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     device: default core.device.default_device(). batched: stack modules of
     equal shape for methods that offer it (default: on CUDA only; a plain loop
     measured faster on the CPU). threads: CPU intra-op threads during the merge
-    (restored after; None leaves torch's setting). tol, max_iter: Karcher stop (max_iter: the
+    (restored after; None leaves torch's setting). workers: modules merged at
+    once on the CPU, each by one thread (core.workers; default one per CPU;
+    1 unless threads is 1, and when batched). tol, max_iter: Karcher stop (max_iter: the
     flag-median's IRLS limit there; None: each method's own default).
     rank: a number, None (per module the smallest source rank) or "auto" (per
     module the smallest rank holding `energy` of the merged energy; methods with
@@ -94,21 +100,17 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         raise LoraError("nothing to merge: the block weights leave every module at weight 0")
     check_rank_request(specs, loras, m, rank)
     opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params, energy)
-    with linalg_threads(threads if dev.type == "cpu" else None):
-        report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
-        done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
-        dead: set[str] = set()
-        for job, res in _run(specs, loras, w, factors, m, opts, batched):
-            if res is None:
-                dead.add(job)
+    workers = worker_count(workers, dev) if threads == 1 and not batched else 1
+    report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
+    done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
+    dead: set[str] = set()
+    with linalg_threads(threads if dev.type == "cpu" else None), \
+            _outcomes(specs, loras, w, factors, m, opts, batched, groups, dtype, workers) as outcomes:
+        for name, outcome in outcomes:
+            if outcome is DEAD:
+                dead.add(name)
             else:
-                status = ("copied" if len(job.sources) == 1 else
-                          "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
-                mod = fidelity(job, res, groups.get(job.name, module_part(job.name)), status)
-                done[job.name] = None if mod is None else (
-                    mod, job.module(*((res.up, res.down) if res.module_space else job.lift(res.up, res.down)),
-                                    dtype, res.scale,
-                                    job.sources[0].module.rank if status == "copied" else None), job.capped)
+                done[name] = outcome
             if progress is not None:
                 progress(len(done) + len(dead), len(specs))
     if not done:
@@ -140,39 +142,75 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     return MergeResult(out, report, key_names)
 
 
-def _run(specs, loras, w, factors, method, opts: Options, batched: bool):
-    """Prepares and merges one module at a time. Yields (job, Merged), or (name,
-    None) for a module dead in every source. Batched jobs come when their batch
-    is done."""
-    work = Workspace()
-    pending: dict[tuple, list] = {}
+DEAD = object()      # a module dead in every source: listed in the report, not written
 
-    def flush(group):
-        yield from zip(group, method.batch(group, opts))
 
-    for name, ks in specs.items():
-        job = prepare(name, ks, loras, module_weights(w, factors, name), opts.device,
-                      method.is_framed(opts.params), work)
-        if job is None:
-            yield name, None
-            continue
-        set_rank(job, method, opts.rank)
-        if len(job.sources) == 1:                      # only one source: its own factors, weighted
-            s = job.sources[0]
-            yield job, Merged(s.module.up.to(opts.device, torch.float64),
-                              s.module.down.to(opts.device, torch.float64), s.weight * s.module.scale)
-        elif not batched or method.batch is None:
-            try:
-                merged = method.merge(job, opts)
-            except torch.linalg.LinAlgError as exc:   # eigh/svd did not converge: name the module
-                raise LoraError(f"the {method.name} merge failed numerically here "
-                                f"({str(exc).strip().splitlines()[0][:120]}); check the weights and sources",
-                                key=name) from None
-            yield job, merged
-        else:
-            key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
-            pending.setdefault(key, []).append(job)
-            if len(pending[key]) >= KARCHER_BATCH:
-                yield from flush(pending.pop(key))
-    for group in pending.values():
-        yield from flush(group)
+@contextlib.contextmanager
+def _outcomes(specs, loras, w, factors, method, opts: Options, batched: bool, groups, dtype, workers: int):
+    """An iterator of (name, outcome) per module: DEAD, None (the merge
+    cancelled to zero) or (its report, the merged LoraModule, capped). One
+    module at a time per worker (streaming: each holds one module's working
+    state), in module order; batched jobs (karcher on CUDA) as their batch
+    completes. Leaving the block stops the workers (core.workers.ordered_map)."""
+    local = threading.local()
+
+    def job_of(name):
+        if not hasattr(local, "work"):          # the stacking buffers are per thread
+            local.work = Workspace()
+        job = prepare(name, specs[name], loras, module_weights(w, factors, name), opts.device,
+                      method.is_framed(opts.params), local.work)
+        if job is not None:
+            set_rank(job, method, opts.rank)
+        return job
+
+    def measured(job, res):
+        status = ("copied" if len(job.sources) == 1 else
+                  "merged" if len(job.sources) == sum(x != 0 for x in w) else "partial")
+        mod = fidelity(job, res, groups.get(job.name, module_part(job.name)), status)
+        if mod is None:
+            return None
+        up, down = (res.up, res.down) if res.module_space else job.lift(res.up, res.down)
+        return mod, job.module(up, down, dtype, res.scale,
+                               job.sources[0].module.rank if status == "copied" else None), job.capped
+
+    def one(name):
+        with torch.no_grad():                   # grad mode is per thread
+            job = job_of(name)
+            return name, DEAD if job is None else measured(job, _merged(job, method, opts))
+
+    def in_batches():
+        pending: dict[tuple, list] = {}
+        for name in specs:
+            job = job_of(name)
+            if job is None:
+                yield name, DEAD
+            elif len(job.sources) == 1:
+                yield name, measured(job, _merged(job, method, opts))
+            else:
+                key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
+                pending.setdefault(key, []).append(job)
+                if len(pending[key]) >= KARCHER_BATCH:
+                    group = pending.pop(key)
+                    yield from ((j.name, measured(j, res)) for j, res in zip(group, method.batch(group, opts)))
+        for group in pending.values():
+            yield from ((j.name, measured(j, res)) for j, res in zip(group, method.batch(group, opts)))
+
+    if batched and method.batch is not None:
+        yield in_batches()
+    else:
+        with ordered_map(one, specs, workers) as results:
+            yield results
+
+
+def _merged(job, method, opts: Options) -> Merged:
+    """One job's merge: a lone source is copied with its own factors, weighted."""
+    if len(job.sources) == 1:
+        s = job.sources[0]
+        return Merged(s.module.up.to(opts.device, torch.float64),
+                      s.module.down.to(opts.device, torch.float64), s.weight * s.module.scale)
+    try:
+        return method.merge(job, opts)
+    except torch.linalg.LinAlgError as exc:   # eigh/svd did not converge: name the module
+        raise LoraError(f"the {method.name} merge failed numerically here "
+                        f"({str(exc).strip().splitlines()[0][:120]}); check the weights and sources",
+                        key=job.name) from None
