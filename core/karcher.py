@@ -280,23 +280,30 @@ def _lanczos_min(f: _Cost, steps: int = LANCZOS_STEPS) -> torch.Tensor:
     v = tangent_projection(f.x, torch.randn(f.x.shape, generator=gen, dtype=f.x.dtype).to(f.x.device))
     steps = max(1, min(steps, (f.x.shape[-2] - f.x.shape[-1]) * f.x.shape[-1]))
     v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True)
-    basis, alphas, betas = [v], [], []
+    shape = v.shape
+    # the Lanczos vectors as rows, so that reorthogonalising against all of them is two
+    # matrix-vector products (classical Gram–Schmidt, twice is enough), not 2j small steps
+    basis = v.new_zeros(*shape[:-2], steps, shape[-2] * shape[-1])
+    basis[..., 0, :] = v.flatten(-2)
+    alphas, betas = [], []
     closed = torch.zeros_like(f.cost, dtype=torch.bool)
     for j in range(steps):
-        hv = hess(basis[-1])
-        alpha = _inner(basis[-1], hv)
+        vj = basis[..., j, :].reshape(shape)
+        hv = hess(vj)
+        alpha = _inner(vj, hv)
         alphas.append(torch.where(closed, alphas[0], alpha) if alphas else alpha)
-        for b in basis:            # full reorthogonalisation, twice is enough
-            hv = hv - _inner(b, hv)[..., None, None] * b
-        for b in basis:
-            hv = hv - _inner(b, hv)[..., None, None] * b
+        q, h = basis[..., : j + 1, :], hv.flatten(-2).unsqueeze(-1)
+        for _ in range(2):
+            h = h - q.transpose(-1, -2) @ (q @ h)
+        hv = h.reshape(shape)
         if j == steps - 1:
             break
         beta = torch.linalg.vector_norm(hv, dim=(-2, -1))
         closed = closed | (beta <= 1e-10 * alphas[0].abs().clamp_min(1.0))
         betas.append(torch.where(closed, torch.zeros_like(beta), beta))
-        basis.append(torch.where(closed[..., None, None], torch.zeros_like(hv),
-                                 hv / beta.clamp_min(torch.finfo(beta.dtype).tiny)[..., None, None]))
+        basis[..., j + 1, :] = torch.where(closed[..., None, None], torch.zeros_like(hv),
+                                           hv / beta.clamp_min(torch.finfo(beta.dtype).tiny)[..., None, None]
+                                           ).flatten(-2)
     t = torch.diag_embed(torch.stack(alphas, -1))
     if betas:
         off = torch.diag_embed(torch.stack(betas, -1), offset=1)
