@@ -76,7 +76,8 @@ def _sources():
     return [a, b, c]
 
 
-@pytest.mark.parametrize("method", ["svd", "ties", "karcher", "chordal", "linear", "tsv"])
+@pytest.mark.parametrize("method", ["svd", "ties", "dare", "karcher", "chordal", "flag-median", "linear", "tsv",
+                                    "knots-dare"])
 def test_two_workers_give_one_workers_result_bit_for_bit(method):
     srcs = _sources()
     rank = None if method == "linear" else 4
