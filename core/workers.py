@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from .errors import LoraError
+
 MAX_WORKERS = 8          # beyond this the GIL-held Python between kernels stops scaling
 
 T = TypeVar("T")
@@ -36,13 +38,19 @@ def cpu_count() -> int:
 
 
 def worker_count(requested: int | None, device: torch.device) -> int:
-    """Threads over modules: `requested` (at least 1), else one per CPU up to
+    """Threads over modules: `requested` (at least 1), else GRASSMANN_LORA_WORKERS
+    (a host's cap, like GRASSMANN_LORA_DEVICE), else one per CPU up to
     MAX_WORKERS; always 1 off the CPU (the GPU runs one stream of kernels)."""
     if device.type != "cpu":
         return 1
-    if requested is not None:
-        return max(1, int(requested))
-    return min(cpu_count(), MAX_WORKERS)
+    if requested is None:
+        env = os.environ.get("GRASSMANN_LORA_WORKERS", "").strip()
+        if not env:
+            return min(cpu_count(), MAX_WORKERS)
+        if not env.isdigit() or int(env) < 1:
+            raise LoraError(f"GRASSMANN_LORA_WORKERS must be a positive whole number, got '{env}'")
+        requested = int(env)
+    return max(1, int(requested))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 
 import core.merge.run as run
 from core.device import linalg_threads
+from core.errors import LoraError
 from core.merge import merge
 from core.synthetic import perturbed_lora, random_lora
 from core.workers import MAX_WORKERS, ordered_map, worker_count
@@ -17,6 +18,16 @@ def test_worker_count():
     assert worker_count(None, torch.device("cuda")) == 1 and worker_count(4, torch.device("cuda")) == 1
     assert worker_count(3, torch.device("cpu")) == 3 and worker_count(0, torch.device("cpu")) == 1
     assert 1 <= worker_count(None, torch.device("cpu")) <= MAX_WORKERS
+
+
+def test_worker_count_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GRASSMANN_LORA_WORKERS", "3")
+    assert worker_count(None, torch.device("cpu")) == 3 and worker_count(1, torch.device("cpu")) == 1
+    assert worker_count(None, torch.device("cuda")) == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("GRASSMANN_LORA_WORKERS", bad)
+        with pytest.raises(LoraError, match=f"GRASSMANN_LORA_WORKERS .*'{bad}'"):
+            worker_count(None, torch.device("cpu"))
 
 
 def test_ordered_map_keeps_order_raises_in_place_and_pins_each_worker():
