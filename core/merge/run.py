@@ -1,6 +1,7 @@
 """The run loop: check the request, then prepare, merge and measure one module
-at a time (streaming: a whole-LoRA merge holds one module's working state),
-reporting progress after each; assemble the merged LoRA and its report.
+at a time per worker (streaming: a whole-LoRA merge holds one module's working
+state per worker; core.workers runs one per CPU), reporting progress after
+each in module order; assemble the merged LoRA and its report.
 
 Modules: a module some sources lack (or have dead, ΔW = 0) is merged among the
 sources that have it; a module only one source has is copied with its own
