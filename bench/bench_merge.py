@@ -139,24 +139,29 @@ def every_method(loras, by_shape, sample, floor, methods, dev, args) -> None:
 
 
 def workers_comparison(loras, sample, dev, args) -> None:
-    """Whole-sample merges (one call each) with one worker and with one per CPU,
-    same run, interleaved; results must be bit-identical (each module is
-    computed by one thread whatever the schedule)."""
+    """Merges in one call each with one worker and with one per CPU, same run,
+    interleaved, on the sample (and the whole LoRA for the methods --full
+    names); results must be bit-identical (each module is computed by one
+    thread whatever the schedule)."""
     many = worker_count(None, dev)
-    print(f"\nworkers: {len(sample)}-module sample in one merge call, 1 worker vs {many} "
-          f"({cpu_count()} CPUs; best of {args.repeat}; each worker on one torch thread)")
-    for method in WORKER_METHODS:
+    print(f"\nworkers: one merge call, 1 worker vs {many} ({cpu_count()} CPUs; best of {args.repeat}; "
+          "each worker on one torch thread)")
+    runs = [(m, sample, f"{len(sample)}-module sample") for m in WORKER_METHODS]
+    if args.full is not None:
+        whole = list(loras[0].modules)
+        runs += [(m, whole, "whole LoRA") for m in (args.full or ("svd", "karcher"))]
+    for method, names, label in runs:
         best = {}
         for _ in range(args.repeat):
             for n in (1, many):
-                t, res = our_merge(loras, sample, method, dev, max_iter=args.max_iter, workers=n)
+                t, res = our_merge(loras, names, method, dev, max_iter=args.max_iter, workers=n)
                 if n not in best or t < best[n][0]:
                     best[n] = (t, res)
         (t1, r1), (tn, rn) = best[1], best[many]
         same = all(torch.equal(r1.lora.modules[k].up, rn.lora.modules[k].up) and
                    torch.equal(r1.lora.modules[k].down, rn.lora.modules[k].down) for k in r1.lora.modules)
-        print(f"  {method:<8} 1 worker {t1:7.2f} s   {many} workers {tn:7.2f} s   {t1 / tn:.2f}× "
-              f"({'bit-identical' if same else 'RESULTS DIFFER'})")
+        print(f"  {method:<8} {label:<20} 1 worker {t1:8.2f} s   {many} workers {tn:8.2f} s   {t1 / tn:.2f}× "
+              f"({'bit-identical' if same else 'RESULTS DIFFER'})", flush=True)
 
 
 def floor_time(loras: list[LoraFile], name: str, device) -> float:
