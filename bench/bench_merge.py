@@ -55,7 +55,7 @@ from core.workers import cpu_count, worker_count  # noqa: E402
 RANK = 64
 WEIGHTS = [0.25, 0.25, 0.25, 0.25]
 MEANS = ("karcher", "chordal", "flag-median")    # the geometric means, timed against our svd merge
-WORKER_METHODS = ("svd", "ties", "karcher")      # the workers comparison
+WORKER_METHODS = ("svd", "ties", "karcher", "chordal", "flag-median")   # the workers comparison
 WORKERS = 1                                      # modules at once in our merges (--workers)
 
 
@@ -160,7 +160,7 @@ def workers_comparison(loras, sample, dev, args) -> None:
         (t1, r1), (tn, rn) = best[1], best[many]
         same = all(torch.equal(r1.lora.modules[k].up, rn.lora.modules[k].up) and
                    torch.equal(r1.lora.modules[k].down, rn.lora.modules[k].down) for k in r1.lora.modules)
-        print(f"  {method:<8} {label:<20} 1 worker {t1:8.2f} s   {many} workers {tn:8.2f} s   {t1 / tn:.2f}× "
+        print(f"  {method:<11} {label:<20} 1 worker {t1:8.2f} s   {many} workers {tn:8.2f} s   {t1 / tn:.2f}× "
               f"({'bit-identical' if same else 'RESULTS DIFFER'})", flush=True)
 
 
