@@ -36,7 +36,7 @@ timeout 90 $PY -m pytest -q -rs -p no:cacheprovider tests/test_karcher.py tests/
 for kind in unrelated related; do
     extra=() limit=300
     [ "$kind" = related ] && extra=(--related 0.3) limit=170
-    timeout "${BENCH_LIMIT:-$limit}" $PY bench/bench_merge.py --device "$DEVICE" --skip-kohya --skip-threads \
+    timeout "${BENCH_LIMIT:-$limit}" $PY bench/bench_merge.py --device "$DEVICE" --skip-kohya --skip-threads --skip-workers \
         "${sample[@]}" "${full[@]}" "${extra[@]}" 2>&1 | tee "$LOGS/bench_merge_$kind.txt"
     echo "bench_merge $kind: exit ${PIPESTATUS[0]}" | tee -a "$LOGS/status.txt"
 done
