@@ -179,6 +179,9 @@ def _outcomes(specs, loras, w, factors, method, opts: Options, batched: bool, gr
             job = job_of(name)
             return name, DEAD if job is None else measured(job, _merged(job, method, opts))
 
+    def flush(group):
+        yield from ((j.name, measured(j, res)) for j, res in zip(group, method.batch(group, opts)))
+
     def in_batches():
         pending: dict[tuple, list] = {}
         for name in specs:
@@ -191,10 +194,9 @@ def _outcomes(specs, loras, w, factors, method, opts: Options, batched: bool, gr
                 key = (job.sources[0].svd.U.shape[0], job.sources[0].svd.V.shape[0], job.rank, len(job.sources))
                 pending.setdefault(key, []).append(job)
                 if len(pending[key]) >= KARCHER_BATCH:
-                    group = pending.pop(key)
-                    yield from ((j.name, measured(j, res)) for j, res in zip(group, method.batch(group, opts)))
+                    yield from flush(pending.pop(key))
         for group in pending.values():
-            yield from ((j.name, measured(j, res)) for j, res in zip(group, method.batch(group, opts)))
+            yield from flush(group)
 
     if batched and method.batch is not None:
         yield in_batches()
