@@ -414,7 +414,7 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
                 out.append(TermStats(name, sd, idx, ranks, s, log_delta, m))
             return gone, idx, out
 
-    workers = worker_count(workers, device) if threads == 1 else 1
+    workers = worker_count(workers, device, threads)
     with linalg_threads(threads if device.type == "cpu" else None), ordered_map(one, modules, workers) as results:
         for done, (gone, idx, module_terms) in enumerate(results, 1):
             dead[gone] += 1

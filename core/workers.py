@@ -37,11 +37,13 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(requested: int | None, device: torch.device) -> int:
+def worker_count(requested: int | None, device: torch.device, threads: int | None = 1) -> int:
     """Threads over modules: `requested` (at least 1), else GRASSMANN_LORA_WORKERS
     (a host's cap, like GRASSMANN_LORA_DEVICE), else one per CPU up to
-    MAX_WORKERS; always 1 off the CPU (the GPU runs one stream of kernels)."""
-    if device.type != "cpu":
+    MAX_WORKERS. Always 1 off the CPU (the GPU runs one stream of kernels) and
+    when the caller's loop is not pinned to one torch thread (`threads` ≠ 1:
+    a pool would reset the thread counts the caller asked for)."""
+    if device.type != "cpu" or threads != 1:
         return 1
     if requested is None:
         env = os.environ.get("GRASSMANN_LORA_WORKERS", "").strip()

@@ -17,6 +17,7 @@ from core.workers import MAX_WORKERS, ordered_map, worker_count
 def test_worker_count():
     assert worker_count(None, torch.device("cuda")) == 1 and worker_count(4, torch.device("cuda")) == 1
     assert worker_count(3, torch.device("cpu")) == 3 and worker_count(0, torch.device("cpu")) == 1
+    assert worker_count(3, torch.device("cpu"), threads=None) == 1 and worker_count(3, torch.device("cpu"), 2) == 1
     assert 1 <= worker_count(None, torch.device("cpu")) <= MAX_WORKERS
 
 

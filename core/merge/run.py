@@ -101,7 +101,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         raise LoraError("nothing to merge: the block weights leave every module at weight 0")
     check_rank_request(specs, loras, m, rank)
     opts = Options(rank, dev, torch.float64 if dtype == torch.float64 else torch.float32, params, energy)
-    workers = worker_count(workers, dev) if threads == 1 and not batched else 1
+    workers = 1 if batched else worker_count(workers, dev, threads)
     report = MergeReport(method, w, rank, family, [lora.name for lora in loras], params.get("distance"))
     done: dict[str, tuple[ModuleReport, LoraModule, bool] | None] = {}
     dead: set[str] = set()
