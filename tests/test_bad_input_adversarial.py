@@ -210,6 +210,9 @@ def rank1_pair(tmp_path_factory):
     (["--weights", "nan", "1"], "finite"),
     (["--max-iter", "-1"], "max_iter"),
     (["--rank", "4"], "rank 1 here"),
+    (["--method", "ties", "--ties-density", "nan"], "ties density"),
+    (["--method", "dare", "--dare-drop", "nan"], "dare drop probability"),
+    (["--method", "tsv", "--keep", "nan"], "tsv keep"),
 ])
 def test_merge_parameters_refused_before_writing(rank1_pair, tmp_path, extra, words):
     out = tmp_path / "m.safetensors"

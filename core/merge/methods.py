@@ -49,6 +49,8 @@ class Param:
             return value
         if value is None:
             return value
+        if value != value:          # NaN passes every comparison below
+            raise LoraError(f"{label} must be a number in {self.range_text()}, got {value}")
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if below or above:
