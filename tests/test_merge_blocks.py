@@ -41,7 +41,10 @@ def test_lbw_blocks_and_presets_parse_as_the_lbw_tools_define_them():
 
 
 @pytest.mark.parametrize("spec,msg", [("1,1,1", "LBW takes 17 or 26"), ("SOMETIMES", "unknown block-weight preset"),
-                                      ("IN99=1", "unknown block"), ("1,x,1", "not a number")])
+                                      ("IN99=1", "unknown block"), ("1,x,1", "not a number"),
+                                      ("IN01=nan", "not a finite number"), ("M00=-inf", "not a finite number"),
+                                      (",".join(["inf"] + ["1"] * 16), "not a finite number"),
+                                      ("IN01=2,in01=0", "IN01 is given twice")])
 def test_bad_block_weights_are_one_line_errors(spec, msg):
     with pytest.raises(LoraError, match=msg) as err:
         parse_spec(spec, "sd1", {})
@@ -69,6 +72,20 @@ def test_weight_zero_on_a_block_equals_merging_without_those_modules(method):
     assert res.recipe["block_weights"] == [None, zero_in05, "M00=0"]
     with pytest.raises(LoraError, match="2 block-weight spec"):
         merge([a, b, c], method=method, block_weights=["ALL", "ALL"])
+
+
+def test_block_weights_out_of_range_or_negative_for_a_mean_name_the_file_and_module():
+    """The block factor times the source's weight is checked like a weight, before any work."""
+    a = random_lora("sd1", rank=2, seed=1, names=NAMES, path="a.safetensors")
+    c = random_lora("sd1", rank=2, seed=3, names=NAMES, path="c.safetensors")
+    with pytest.raises(LoraError, match="out of range") as err:
+        merge([a, c], [2, 1], method="linear", block_weights=["IN01=1e4", None])
+    assert err.value.path == "a.safetensors" and err.value.key == NAMES[1]
+    for method in ("karcher", "chordal", "flag-median"):
+        with pytest.raises(LoraError, match="negative") as err:
+            merge([a, c], method=method, block_weights=[None, "M00=-0.5"])
+        assert err.value.path == "c.safetensors" and err.value.key == NAMES[3]
+    merge([a, c], method="svd", rank=2, block_weights=[None, "M00=-0.5"])   # a difference: allowed
 
 
 def planted(seed=0, d=320, r=4):

@@ -18,6 +18,7 @@ modules in none of them (time embedding, conv_out) keep 1, as in LBW.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import LoraError
@@ -69,9 +70,12 @@ def lbw_block(name: str) -> str | None:
 
 def _number(text: str, spec: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise LoraError(f"block weight '{text}' in '{spec}' is not a number") from None
+    if not math.isfinite(value):
+        raise LoraError(f"block weight '{text}' in '{spec}' is not a finite number")
+    return value
 
 
 def parse_spec(spec: str, family: str, groups: dict[str, str]) -> dict[str, float]:
@@ -89,6 +93,8 @@ def parse_spec(spec: str, family: str, groups: dict[str, str]) -> dict[str, floa
             elif key not in known:
                 raise LoraError(f"unknown block '{key}' in block weights '{spec}' (LBW IDs such as IN04, M00, "
                                 f"OUT03, or this family's groups: {', '.join(sorted(set(groups.values()))) or '-'})")
+            if key in out:
+                raise LoraError(f"block {key} is given twice in block weights '{spec}'")
             out[key] = _number(value.strip(), spec)
         return out
     if "," not in text and not re.fullmatch(r"[-+0-9.eE]+", text):

@@ -64,6 +64,20 @@ def check_weights(loras: list[LoraFile], weights, method) -> list[float]:
     return w
 
 
+def check_block_weights(loras: list[LoraFile], w: list[float], factors: list[dict[str, float]], method) -> None:
+    """Each source's weight times its block factor, module by module, held to the
+    rules of check_weights: at most MAX_WEIGHT in size, and not negative where the
+    method refuses negative weights."""
+    for lora, x, f in zip(loras, w, factors):
+        for name, factor in f.items():
+            if abs(x * factor) > MAX_WEIGHT:
+                raise LoraError(f"weight {x:g} × block weight {factor:g} is out of range (at most "
+                                f"{MAX_WEIGHT:g} in size)", lora.path, name)
+            if method.negative_weights and x * factor < 0:
+                raise LoraError(f"weight {x:g} × block weight {factor:g} is negative here: "
+                                f"{method.negative_weights}", lora.path, name)
+
+
 def module_names(loras: list[LoraFile]) -> list[str]:
     """Every module name, in first-seen order."""
     names: dict[str, None] = {}

@@ -28,7 +28,8 @@ from . import methods
 from .basis import Merged, Workspace, prepare
 from .fidelity import fidelity
 from .blocks import block_factors
-from .plan import Options, check_rank_request, check_weights, module_names, module_specs, module_weights, set_rank
+from .plan import (Options, check_block_weights, check_rank_request, check_weights, module_names, module_specs,
+                   module_weights, set_rank)
 from .report import MergeReport, ModuleReport, add_warnings
 from .result import KOHYA_LIKE, NAMINGS, RECIPE_KEY, MergeResult, first_naming, recipe
 
@@ -96,6 +97,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         if len(block_weights) != len(loras):
             raise LoraError(f"{len(block_weights)} block-weight spec(s) given for {len(loras)} LoRAs")
         factors = block_factors(list(block_weights), module_names(loras), family, groups)
+        check_block_weights(loras, w, factors, m)
     specs = module_specs(loras, w, factors)
     if not specs:
         raise LoraError("nothing to merge: the block weights leave every module at weight 0")
