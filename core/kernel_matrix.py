@@ -549,6 +549,7 @@ def cluster_kernel_matrix(km: KernelMatrix, method: str = "spectral", k: int | N
     (its negative eigenvalues are then reported)."""
     if method not in METHODS:
         raise LoraError(f"clustering method must be one of {', '.join(METHODS)}; got '{method}'")
+    check_seed(seed)
     n = len(km.names)
     if km.eigenvalues is None:
         raise LoraError(f"cannot cluster with {km.kernel.name}: some pairs share no module, so the "
@@ -595,6 +596,12 @@ def cluster_kernel_matrix(km: KernelMatrix, method: str = "spectral", k: int | N
     return Clustering(method, labels, order, found, auto_k, params, warnings)
 
 
+def check_seed(seed) -> None:
+    """numpy's generators take whole numbers ≥ 0 only (else a ValueError traceback)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise LoraError(f"clustering seed must be a whole number ≥ 0, got {seed!r}")
+
+
 def _off_diagonal_range(dist: np.ndarray) -> str:
     n = len(dist)
     if n < 2:
@@ -608,6 +615,7 @@ def cluster_as_asked(km, clusters: int | None, dbscan, method: str = "spectral",
     """(clustering, note): the clusters asked for (k, or DBSCAN's (EPS, MIN)); without either,
     k by the eigengap, which is optional: when it fails the note says why instead."""
     explicit = clusters is not None or dbscan is not None
+    check_seed(seed)            # asked for by the caller even when k is automatic
     if dbscan is not None:
         try:
             eps, min_samples = float(dbscan[0]), int(dbscan[1])

@@ -270,6 +270,18 @@ def test_indefinite_kernel_refused_for_clustering_unless_forced(library):
                                  device="cpu").kernel.status == INDEFINITE
 
 
+def test_a_negative_seed_is_a_one_line_error_asked_for_clusters_or_not(library):
+    """numpy's generator refuses a negative seed with a ValueError traceback; the
+    automatic k must not turn the refusal into a quiet 'no clustering' note either."""
+    from core.kernel_matrix import cluster_as_asked
+    _, _, stats = library
+    km = kernel_matrix_from_statistics(stats["out"], make_kernel("projection-rbf"))
+    for clusters in (2, None):
+        with pytest.raises(LoraError, match="seed must be a whole number ≥ 0, got -5"):
+            cluster_as_asked(km, clusters, None, "kernel-kmeans", seed=-5)
+    assert cluster_as_asked(km, 2, None, "kernel-kmeans", seed=5)[0].k == 2
+
+
 def test_negative_eigenvalues_are_reported_for_an_indefinite_kernel():
     """Rank-1 LoRAs on one 2-wide module are lines in Gr(1,2): |det| kernels go negative."""
     from core.lora import LoraFile, LoraModule
