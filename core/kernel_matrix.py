@@ -470,6 +470,10 @@ def kernel_matrix_from_statistics(stats: PairStatistics, kernel: Kernel) -> Kern
     values_list = []
     for term in stats.terms:
         values, self_vals = _term_values(kernel, term)
+        if not (np.all(np.isfinite(values)) and np.all(np.isfinite(self_vals))):
+            # later NaNs would read as pairs sharing no module
+            raise LoraError(f"{kernel.describe()} overflows (values beyond float64) on these LoRAs "
+                            f"(ranks up to {int(term.ranks.max())}); use a smaller α or β")
         values_list.append(values)
         if kernel.normalisable:
             values = values / np.sqrt(np.outer(self_vals, self_vals))

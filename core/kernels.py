@@ -139,7 +139,7 @@ class Kernel:
         """sim: the inner-product statistic (s or u); dist: its gap to the
         self value (t or 1 − u), computed without cancellation by the caller."""
         b, a, f = self.beta, self.alpha, self.form
-        with np.errstate(under="ignore"):
+        with np.errstate(under="ignore", over="ignore"):   # an overflow is refused by the kernel matrix
             if f == "poly":
                 return (b + sim) ** a
             if f == "rbf":

@@ -282,6 +282,14 @@ def test_a_negative_seed_is_a_one_line_error_asked_for_clusters_or_not(library):
     assert cluster_as_asked(km, 2, None, "kernel-kmeans", seed=5)[0].k == 2
 
 
+def test_a_kernel_that_overflows_is_refused_with_its_parameters(library):
+    """(β + s)^α beyond float64: a one-line error naming α, never a matrix of n/a
+    blamed on pairs that share no module."""
+    _, _, stats = library
+    with pytest.raises(LoraError, match=r"projection-poly.*α=1e\+06 overflows"):
+        kernel_matrix_from_statistics(stats["out"], make_kernel("projection-poly", alpha=1e6))
+
+
 def test_negative_eigenvalues_are_reported_for_an_indefinite_kernel():
     """Rank-1 LoRAs on one 2-wide module are lines in Gr(1,2): |det| kernels go negative."""
     from core.lora import LoraFile, LoraModule
