@@ -85,3 +85,32 @@ def test_flux_diffusers_split_parts_read_fused(tmp_path):
     ada = dense("lora_unet_final_layer_adaLN_modulation_1")  # diffusers (scale, shift) → LDM (shift, scale)
     torch.testing.assert_close(ada, torch.cat([out[H:], out[:H]])[:, COLS], rtol=0, atol=1e-9)
     torch.testing.assert_close(dense("lora_unet_double_blocks_0_img_attn_proj"), proj[:, COLS], rtol=0, atol=1e-9)
+
+
+def test_merge_led_by_a_split_file_writes_the_fused_modules_under_their_own_names(tmp_path):
+    """A merge's default "first" naming must not write a fused module under one
+    of its parts' keys (OneTrainer's lora_transformer_…_attn_to_k holding the
+    9216-row qkv: ComfyUI maps that key to a 3072-row slice and refuses it; the
+    swapped norm_out would be swapped twice). DiT merges write the LDM names the
+    README promises, whatever the first source's spelling."""
+    from safetensors.torch import load_file
+
+    from core.merge import merge
+    from tests import dit_files
+
+    names = ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+             "lora_unet_single_blocks_0_linear1", "lora_unet_final_layer_adaLN_modulation_1"]
+    a = dit_files.random_dit_lora("flux", "dev", names, rank=2, seed=3)
+    b = dit_files.random_dit_lora("flux", "dev", names, rank=2, seed=4)
+    first = load_lora(dit_files.write(a, "flux", "dev", "onetrainer", tmp_path / "ot.safetensors"))
+    other = load_lora(dit_files.write(b, "flux", "dev", "kohya", tmp_path / "k.safetensors"))
+    assert first.format == "kohya" and set(first.modules) == set(names)
+    res = merge([first, other], [1.0, 1.0], method="concat")
+    path = res.save(str(tmp_path / "merged.safetensors"))
+    assert {k.split(".", 1)[0] for k in load_file(path)} == set(names)
+    back = load_lora(path)
+    for name in names:
+        want = res.lora.modules[name]
+        got = back.modules[name]
+        torch.testing.assert_close(got.scale * got.up.double() @ got.down.double()[:, COLS],
+                                   want.scale * want.up.double() @ want.down.double()[:, COLS], rtol=1e-6, atol=1e-12)

@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT (and the report) if present")
     parser.add_argument("--report", metavar="FILE.json", help="write the full fidelity report as JSON")
     parser.add_argument("--naming", choices=NAMINGS, default="first",
-                        help="key spelling: the first source's (kohya/LyCORIS files) or kohya")
+                        help="key spelling: the first source's (SD kohya/LyCORIS files; DiT merges write LDM kohya names) or kohya")
     parser.add_argument("--distance", choices=DISTANCES, default="geodesic",
                         help="karcher only: geodesic (Karcher mean) or chordal (extrinsic mean)")
     parser.add_argument("--max-iter", type=int, default=None,

@@ -13,6 +13,7 @@ from .. import __version__
 from ..errors import LoraError
 from ..lora import LoraFile
 from ..save import save_kohya
+from ..sdarch import DIT_FAMILIES
 from .report import MergeReport
 
 NAMINGS = ("first", "kohya")
@@ -42,8 +43,11 @@ class MergeResult:
 
 
 def first_naming(first: LoraFile, out: LoraFile) -> dict[str, str]:
-    """canonical name -> key stem the first source used, for kohya-like files."""
-    if first.format not in KOHYA_LIKE:
+    """canonical name -> key stem the first source used, for kohya-like files.
+    DiT families keep the LDM names: their trainers' spellings name split parts
+    (OneTrainer's …_attn_to_k of a fused qkv), scale/shift-swapped layers, or
+    keys ComfyUI does not map (musubi's Z-Image …_attention_to_out_0)."""
+    if first.format not in KOHYA_LIKE or first.family in DIT_FAMILIES:
         return {}
     stems = {}
     for name in out.modules:

@@ -52,8 +52,8 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     fraction of each task vector TIES keeps (paper default 0.2). dare_drop: DARE
     drop probability q (0.5: the papers' 0.9 was for full fine-tune deltas).
     naming: "first" writes keys spelled as in the first source when it is a
-    kohya/LyCORIS file, else kohya names (ComfyUI maps both); "kohya" always
-    kohya. distance: "geodesic" (Karcher mean) or "chordal" (extrinsic mean).
+    kohya/LyCORIS file of an SD family, else kohya names (ComfyUI maps both;
+    DiT merges always write the LDM kohya names); "kohya" always kohya. distance: "geodesic" (Karcher mean) or "chordal" (extrinsic mean).
     device: default core.device.default_device(). batched: stack modules of
     equal shape for methods that offer it (default: on CUDA only; a plain loop
     measured faster on the CPU). threads: CPU intra-op threads during the merge

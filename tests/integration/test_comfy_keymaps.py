@@ -28,6 +28,7 @@ from core import arch as dit
 from core.arch import written_name
 from core.formats import load_lora
 from core.formats.names import resolve_module
+from core.merge import merge
 from core.save import save_kohya
 from core.sdarch import arch_for
 from tests import dit_files
@@ -74,6 +75,13 @@ def probe(tmp_path_factory):
         files.append({"config": config, "path": str(written), "check": check, "cols": COLS})
         files.append({"config": config, "path": str(diffusers), "cols": COLS,
                       "check": [n for n in check if n.startswith("lora_unet_")]})
+    # a merge led by a split-layout file (OneTrainer's lora_transformer_…_to_q): written with LDM names
+    names = _checked(arch_for("flux", "dev"), [n for n in arch_for("flux", "dev").shapes if n.startswith("lora_unet_")])
+    led = [load_lora(dit_files.write(dit_files.random_dit_lora("flux", "dev", names, rank=1, seed=k), "flux", "dev", fmt,
+                                     tmp / f"merge-{fmt}.safetensors")) for k, fmt in enumerate(("onetrainer", "kohya"))]
+    merged = merge(led, [1.0, 1.0], method="concat").save(str(tmp / "merged.safetensors"))
+    sources["merged"] = merged
+    files.append({"config": "flux/dev", "path": merged, "check": names, "cols": COLS})
     job = tmp / "job.json"
     job.write_text(json.dumps({"configs": CONFIGS, "files": files}))
     run = subprocess.run([str(comfyui_python()), str(PROBE), str(job), str(tmp)], cwd=comfyui_path(),
@@ -198,5 +206,20 @@ def test_comfyui_patch_equals_core_delta(probe, config, which):
     assert set(theirs) >= set(check)
     for name in check:
         m = lora.modules[name]
+        ours = m.scale * m.up.double() @ m.down.double()[:, :COLS]
+        torch.testing.assert_close(theirs[name].double(), ours, rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_merge_led_by_a_split_file_loads_whole(probe):
+    """Every key of a merge whose first source spells Flux the OneTrainer way
+    (split q/k/v, swapped norm_out) loads in ComfyUI, and its ΔW is the core's."""
+    _config(probe, "flux/dev")
+    path = probe[1]["merged"]
+    index = next(i for i, f in enumerate(probe[2]) if f["path"] == path)
+    assert probe[0]["files"][index]["not_loaded"] == []
+    theirs = load_file(str(probe[3] / f"file{index}.safetensors"))
+    lora = load_lora(path)
+    assert set(theirs) == set(probe[2][index]["check"]) == set(lora.modules)
+    for name, m in lora.modules.items():
         ours = m.scale * m.up.double() @ m.down.double()[:, :COLS]
         torch.testing.assert_close(theirs[name].double(), ours, rtol=1e-4, atol=1e-9, msg=name)
