@@ -195,3 +195,16 @@ def test_families_do_not_mix(tmp_path):
         tmp_path / f"{f}.safetensors")) for f, v, fmt in (("sd3", "large", "kohya"), ("wan", "14b", "peft")))
     with pytest.raises(LoraError, match="different base models"):
         require_same_family([a, b])
+
+
+def test_wan_fun_double_underscore_prefix(tmp_path):
+    """VideoX-Fun's Wan LoRAs spell kohya names ``lora_unet__blocks_0_…`` (ComfyUI's
+    lora_convert turns ``lora_unet__`` into ``lora_unet_``): same modules, same ΔW."""
+    names = ["lora_unet_blocks_0_cross_attn_k", "lora_unet_blocks_39_ffn_2"]
+    src = dit_files.random_dit_lora("wan", "14b", names, rank=2)
+    tensors = {k.replace("lora_unet_", "lora_unet__", 1): v
+               for k, v in dit_files.format_tensors(src, "wan", "14b", "kohya").items()}
+    save_file(tensors, str(tmp_path / "fun.safetensors"))
+    lora = load_lora(str(tmp_path / "fun.safetensors"))
+    assert lora.family == "wan" and not lora.warnings
+    _assert_same_delta(lora, src.modules, "wan", "14b")

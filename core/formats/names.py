@@ -101,6 +101,7 @@ def classify_extra(key: str) -> tuple[str, bool]:
 # Module-key prefixes -> part. Parts: unet, te, te1, te2, te3, or a ComfyUI text
 # encoder name (clip_l, clip_g, clip_h, t5xxl) resolved once the family is known.
 _PREFIXES: tuple[tuple[str, str | None], ...] = (
+    ("lora_unet__", "unet"),  # VideoX-Fun's Wan LoRAs (ComfyUI's lora_convert strips the extra '_')
     ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
     ("lora_te_", "te"), ("lora_transformer_", "unet"), ("lycoris_", "unet"),
     ("unet.base_model.model.", "unet"), ("text_encoder_2.base_model.model.", "te2"),
