@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -28,8 +29,37 @@ def linalg_threads(n: int | None = 1):
         yield
         return
     before = torch.get_num_threads()
+    if before == n:                  # already pinned (nested, or a worker): nothing to do
+        yield
+        return
+    default = pin_this_thread(n)
     try:
-        torch.set_num_threads(n)
         yield
     finally:
         torch.set_num_threads(before)
+        if before != default:
+            in_new_thread(torch.set_num_threads, default)
+
+
+def pin_this_thread(n: int, default: int | None = None) -> int:
+    """torch.set_num_threads(n) for the calling thread only; returns the count
+    threads started from now on take (`default` when the caller knows it).
+    torch's call also sets that count, process-wide: a host thread started while
+    we run pinned (A1111 serves a request on a new worker thread) would keep n
+    for good. So a throw-away thread reads it first and sets it back after (the
+    call changes that thread's own count too, which dies with it)."""
+    torch.get_num_threads()          # a thread takes the default at its first torch call: now, not later
+    if default is None:
+        default = in_new_thread(torch.get_num_threads)
+    torch.set_num_threads(n)
+    in_new_thread(torch.set_num_threads, default)
+    return default
+
+
+def in_new_thread(fn, *args):
+    """fn(*args) in a thread of its own (torch's per-thread state stays there)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    t.start()
+    t.join()
+    return out[0]

@@ -10,7 +10,7 @@ computed by one thread, whatever the schedule).
 
 Callers run the pool inside ``linalg_threads(1)``: OpenMP and MKL thread
 counts are per thread, so each worker also sets its own to 1 when it starts
-(torch's process-wide count, which the caller restores, stays 1 meanwhile).
+(core.device.pin_this_thread: threads the host starts meanwhile still take its count).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from .device import in_new_thread, pin_this_thread
 from .errors import LoraError
 
 MAX_WORKERS = 8          # beyond this the GIL-held Python between kernels stops scaling
@@ -67,7 +68,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
     if workers <= 1 or len(items) < 2:
         yield map(fn, items)
         return
-    pool = ThreadPoolExecutor(min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,))
+    # each worker pins itself; threads started later still take the host's count
+    pool = ThreadPoolExecutor(min(workers, len(items)), initializer=pin_this_thread,
+                              initargs=(1, in_new_thread(torch.get_num_threads)))
     try:
         yield pool.map(fn, items)
     finally:

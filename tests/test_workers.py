@@ -138,3 +138,47 @@ def test_kernel_statistics_with_two_workers_equal_one():
     for a, b in zip(one.terms, two.terms):
         assert (a.members == b.members).all() and (a.s == b.s).all()
     assert (one.live == two.live).all() and (one.dead == two.dead).all() and (one.shared == two.shared).all()
+
+
+def _in_new_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_threads_the_host_starts_during_a_pinned_run_keep_its_count():
+    """torch.set_num_threads also sets the count every thread takes at its first torch call:
+    a thread the host starts while a merge runs pinned (A1111 serves a request on a new worker
+    thread) must get the host's count, and keep it after the merge, not the merge's 1."""
+    host = torch.get_num_threads()
+    go, seen = threading.Event(), []
+
+    def host_thread():
+        seen.append(torch.get_num_threads())
+        go.wait()
+        seen.append(torch.get_num_threads())
+
+    def item(i):
+        time.sleep(0.05)
+        return torch.get_num_threads()
+
+    try:
+        torch.set_num_threads(2)                     # the host's setting
+        with linalg_threads(1):
+            born = threading.Thread(target=host_thread)
+            born.start()
+            inside = torch.get_num_threads()
+            with ordered_map(item, range(4), 2) as results:
+                workers = [next(results)]
+                during_pool = _in_new_thread(torch.get_num_threads)
+                workers += list(results)
+        go.set()
+        born.join()
+        assert inside == 1 and workers == [1] * 4
+        assert seen == [2, 2] and during_pool == 2
+        assert torch.get_num_threads() == 2 and _in_new_thread(torch.get_num_threads) == 2
+    finally:
+        go.set()
+        torch.set_num_threads(host)
