@@ -13,13 +13,32 @@ import threading
 
 import torch
 
+from .errors import LoraError
+
 
 def default_device() -> torch.device:
     """CUDA when present unless GRASSMANN_LORA_DEVICE says otherwise."""
     wanted = os.environ.get("GRASSMANN_LORA_DEVICE")
     if wanted:
-        return torch.device(wanted)
+        return check_device(wanted, "GRASSMANN_LORA_DEVICE")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(wanted, origin: str = "device") -> torch.device:
+    """The torch device asked for, or a one-line LoraError when this torch
+    cannot use it (a typo, CUDA absent or a GPU index beyond the count, a kind
+    the float64 linear algebra does not run on) instead of torch's traceback."""
+    try:
+        dev = torch.device(wanted)
+    except (RuntimeError, TypeError, ValueError):
+        raise LoraError(f"unknown torch device '{wanted}' ({origin}; use cpu or cuda)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LoraError(f"device '{wanted}' ({origin}) is not supported: use cpu or cuda")
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise LoraError(f"device '{wanted}' ({origin}) is not available: this torch sees {found}")
+    return dev
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import cluster as clustering
-from .device import default_device, linalg_threads
+from .device import check_device, default_device, linalg_threads
 from .errors import LoraError
 from .factored import modules_svd
 from .kernels import CPD, INDEFINITE, PD, Kernel, make_kernel
@@ -377,7 +377,7 @@ def pair_statistics(loras: Sequence[LoraFile], side: str = "out", module_filter:
         raise LoraError(f"top must be at least 1; got {top}")
     family = require_same_base(loras)
     regex = _compile_filter(module_filter)
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     names = [lora.name for lora in loras]
     if len(set(names)) < len(names):
         names = [lora.path for lora in loras]

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .device import linalg_threads
+from .device import check_device, linalg_threads
 from .errors import LoraError
 from .factored import FactoredSVD, factor_qr, module_svd
 from .formats import require_same_base
@@ -461,7 +461,7 @@ def compare(a: LoraFile, b: LoraFile, side: str = "out", top: int | None = None,
     shared.sort(key=depth.__getitem__)
     sides = SIDES if side == "both" else (side,)
     report = SimilarityReport(a, b, side, top, [], only_a, only_b)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = check_device(device) if device is not None else torch.device("cpu")
     workers = worker_count(workers, dev)
 
     def one(n: str) -> list[ModuleResult]:

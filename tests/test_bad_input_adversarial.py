@@ -213,6 +213,9 @@ def rank1_pair(tmp_path_factory):
     (["--method", "ties", "--ties-density", "nan"], "ties density"),
     (["--method", "dare", "--dare-drop", "nan"], "dare drop probability"),
     (["--method", "tsv", "--keep", "nan"], "tsv keep"),
+    (["--device", "foo"], "unknown torch device 'foo'"),
+    (["--device", "cuda:99"], "cuda:99"),
+    (["--device", "mps"], "cpu or cuda"),
 ])
 def test_merge_parameters_refused_before_writing(rank1_pair, tmp_path, extra, words):
     out = tmp_path / "m.safetensors"
@@ -220,6 +223,20 @@ def test_merge_parameters_refused_before_writing(rank1_pair, tmp_path, extra, wo
     assert not out.exists()
     if words == "rank 1 here":   # names the file and the module
         assert rank1_pair[0] in line and "key 'lora_unet_" in line
+
+
+@pytest.mark.parametrize("wanted", ["foo", "cuda:99", "meta"])
+def test_a_device_torch_cannot_use_here_is_one_line(rank1_pair, monkeypatch, wanted):
+    """From the environment (every command and host) as from --device: before, a
+    RuntimeError or AssertionError traceback from torch."""
+    from core.device import default_device
+    from core.kernel_matrix import compute_kernel_matrix
+    from core.formats import load_lora as load
+    monkeypatch.setenv("GRASSMANN_LORA_DEVICE", wanted)
+    with pytest.raises(LoraError, match="GRASSMANN_LORA_DEVICE"):
+        default_device()
+    with pytest.raises(LoraError, match=wanted):
+        compute_kernel_matrix([load(p) for p in rank1_pair])
 
 
 def test_eigh_failure_is_one_line_naming_the_module(rank1_pair, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..device import default_device, linalg_threads
+from ..device import check_device, default_device, linalg_threads
 from ..errors import LoraError
 from ..formats import require_same_base
 from ..lora import LoraFile, LoraModule, module_part
@@ -88,7 +88,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
         raise LoraError(f"rank auto is not offered for {method} in space full (the dense rule); use space core")
     w = check_weights(loras, weights, m)
     family = require_same_base(loras)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = check_device(device) if device is not None else default_device()
     if batched is None:
         batched = dev.type == "cuda"
     groups = arch_for(family).groups if family in TABLE_FAMILIES else {}
