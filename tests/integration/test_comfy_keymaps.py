@@ -39,10 +39,9 @@ pytestmark = pytest.mark.comfyui
 PROBE = Path(__file__).with_name("comfy_keymap_probe.py")
 CONFIGS = [f"{f}/{v}" for f in dit.FAMILY_MODULES for v in dit.variants(f)]
 # Files written and loaded by ComfyUI: the first variant of each family (variants share
-# their naming) and Chroma (its own modules); ΔW through ComfyUI's patching (zero
-# weights of full size) on one variant per layout. Tables and maps: every variant.
+# their naming) and Chroma (its own modules), each with ΔW through ComfyUI's patching
+# (zero weights of full size) for one module of every shape. Tables and maps: every variant.
 FILE_CONFIGS = [c for c in CONFIGS if c.split("/")[1] == dit.variants(c.split("/")[0])[0]] + ["flux/chroma"]
-DELTA_CONFIGS = {"flux/dev", "flux/chroma", "flux2/klein-4b"}
 COLS = 8
 
 
@@ -70,7 +69,8 @@ def probe(tmp_path_factory):
         unet = dit_files.random_dit_lora(family, variant, [n for n in table.shapes if n.startswith("lora_unet_")],
                                          rank=1, seed=len(sources))
         diffusers = dit_files.write(unet, family, variant, "peft", tmp / f"{family}-{variant}-peft.safetensors")
-        check = _checked(table, list(table.shapes)) if config in DELTA_CONFIGS else []
+        # (the probe looks modules up by kohya name: Wan's UMT5, written under ComfyUI's own path, is left out)
+        check = [n for n in _checked(table, list(table.shapes)) if written_name(family, n) == n]
         sources[config] = (table, written, diffusers, check)
         files.append({"config": config, "path": str(written), "check": check, "cols": COLS})
         files.append({"config": config, "path": str(diffusers), "cols": COLS,
@@ -202,7 +202,7 @@ def test_comfyui_patch_equals_core_delta(probe, config, which):
         skipped.add(resolve_module(stem, table.family, table.variant)[0])
     check = [n for n in probe[2][index]["check"] if n not in skipped]
     if not check:
-        pytest.skip(f"ΔW through ComfyUI is checked on {sorted(DELTA_CONFIGS)}, for what ComfyUI maps")
+        pytest.skip("ComfyUI maps none of the checked modules in this layout")
     assert set(theirs) >= set(check)
     for name in check:
         m = lora.modules[name]
