@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 
 from . import host, service
@@ -25,6 +26,7 @@ MERGE_HEADERS = ["source", "weight", "energy kept", "φ to merge"]
 # the reports are column-aligned text: style.css (loaded by the WebUI from the
 # extension root) gives these boxes a monospace font
 MONO = "grassmann-lora-mono"
+MARKDOWN_CHARS = re.compile(r"([\\`*_\[\]<>$&~|])")    # what gradio's Markdown (and its HTML) would act on
 
 
 def _progress(progress, what: str):
@@ -33,13 +35,20 @@ def _progress(progress, what: str):
     return lambda done, total: progress((done, total), desc=what)
 
 
+def plain(message: str) -> str:
+    """The status line as Markdown that reads as written: the status is a
+    gr.Markdown, where a name like a*b<c> lost its * (emphasis) and <c> (HTML)."""
+    return MARKDOWN_CHARS.sub(r"\\\1", message)
+
+
 def guarded(n_outputs: int):
     """Run a callback; on failure return (message, unchanged outputs…) instead of raising."""
     def wrap(fn):
         def run(*args, **kwargs):
             STOP.clear()
             try:
-                return fn(*args, **kwargs)
+                status, *rest = fn(*args, **kwargs)
+                return (plain(status), *rest)
             except (service.RequestError, LoraError) as err:
                 message = f"Error: {' '.join(str(err).split())}"
             except service.Interrupted:
@@ -47,7 +56,7 @@ def guarded(n_outputs: int):
             except Exception as err:   # noqa: BLE001 - keep the WebUI alive, say what broke
                 log.exception("Grassmann LoRA: %s failed", fn.__name__)
                 message = f"Error: {type(err).__name__}: {' '.join(str(err).split())}"
-            return (message,) + tuple(_unchanged() for _ in range(n_outputs))
+            return (plain(message),) + tuple(_unchanged() for _ in range(n_outputs))
         run.__name__ = fn.__name__
         run.__doc__ = fn.__doc__
         return run

@@ -399,7 +399,7 @@ def test_tab_callbacks_as_plain_functions(ext):
     assert status.startswith("Saved merge-") and prompt.startswith("<lora:merge-") and len(rows) == 2
     assert rows[0][1] == "0.7"
     status, detail = tab.convert("style_a", "a_copy", "as stored")
-    assert status == "Saved a_copy.safetensors." and "<lora:a_copy:1>" in detail
+    assert status == "Saved a\\_copy.safetensors." and "<lora:a_copy:1>" in detail
     status, grid, rows = tab.compare(["a_copy"], "x", "", 3, 2, 64, 64, 7.0, "Euler a", 1.0)
     assert grid.size[0] > 64 and [r[0] for r in rows] == ["base (reference)", "a_copy"]
     assert set(tab.refresh_names()) >= {"style_a", "a_copy", prompt[len("<lora:"):-len(":1>")]}
@@ -412,6 +412,16 @@ def test_tab_errors_are_one_message_not_a_raise(ext):
     assert status == "Error: weights must be numbers separated by commas, got '1, x'"
     status, *_ = ext.tab.similarity("style_a", None, "out", 0, "")
     assert status.startswith("Error: a LoRA must be given by name")
+
+
+def test_tab_status_reads_as_written_in_markdown(ext):
+    """The status line is a gr.Markdown: a name like a/b*c<d> came out as 'a/bc' (the * opened
+    emphasis, <d> was taken for HTML). Markdown's characters are backslashed; unescaped, the
+    line is the message."""
+    import re
+    status, *_ = ext.tab.merge(["style_a", "style_b"], "", "karcher", 0, "fp16", "a/b*c<d>_[x]`$", False)
+    assert not re.search(r"(?<!\\)[*_<>\[\]`$]", status), status
+    assert re.sub(r"\\(.)", r"\1", status).startswith("Error: 'a/b*c<d>_[x]`$' is not a plain file name")
 
 
 def test_interrupt_stops_a_merge(ext):

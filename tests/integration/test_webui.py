@@ -180,6 +180,9 @@ def test_tab_renders_in_headless_chromium(webui, tmp_path):
                          env=dict(os.environ, PLAYWRIGHT_CORE_DIR=str(PLAYWRIGHT), CHROMIUM=CHROMIUM))
     print(run.stdout[-3000:], run.stderr[-3000:])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    # the error shows the name as typed (the Markdown status line once ate its * and <d>)
+    status = next((line for line in run.stdout.splitlines() if line.startswith("status: ")), "")
+    assert "a/b*c<d>" in status and "not a plain file name" in status, run.stdout[-2000:]
     from PIL import Image
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape[0] > 300 and img.std() > 5          # not blank

@@ -3,11 +3,12 @@
 // Opens the UI, selects the tab (gradio 4 renders top tabs as role="tab", gradio 3 as
 // buttons), waits for the Merge button, shows the Merge sub-tab and, given LoRA names, merges
 // them from the UI (for a screenshot with a result; a failure there is only logged),
-// then screenshots the page.
+// then screenshots the page. Before that merge it asks for a bad name and prints the status line.
 import path from "node:path";
 import { launch } from "./browser.mjs";
 
 const [url, shot, ...loras] = process.argv.slice(2);
+const BAD_NAME = "a/b*c<d>";
 const { page, close } = await launch(path.dirname(shot), { width: 1500, height: 1000 });
 const errors = [];
 page.on("pageerror", (e) => errors.push(`${e}\n${e.stack || ""}`));
@@ -32,6 +33,15 @@ try {
         await input.fill(name);
         await page.keyboard.press("Enter");
       }
+      // a bad name: the status line (a Markdown block; gradio 3 repeats the id on its wrapper) shows it as typed
+      const nameBox = page.getByLabel("Name (empty = new unique name)");
+      const status = page.locator("#grassmann_lora_status").last();
+      await nameBox.fill(BAD_NAME);
+      await page.locator("#grassmann_lora_merge_run").click();
+      await page.waitForFunction(() => [...document.querySelectorAll("#grassmann_lora_status")]
+        .some((s) => s.innerText.includes("Error")), null, { timeout: 60000 });
+      console.log(`status: ${(await status.innerText()).trim()}`);
+      await nameBox.fill("");
       await page.locator("#grassmann_lora_merge_run").click();
       await page.waitForFunction(() => [...document.querySelectorAll("#tab_grassmann_lora textarea")]
         .some((t) => t.value.startsWith("<lora:")), null, { timeout: 240000 });
