@@ -19,6 +19,11 @@ from .lora import FAMILIES
 _CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 
+# HunyuanVideo's double/single blocks match Flux's in kohya spelling and width; the
+# original repo's names that musubi-tuner and diffusion-pipe keep (img_mlp.fc1,
+# img_mod.linear, modulation.linear, the text token refiner, a 20th double block) do not.
+_HUNYUAN_VIDEO = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_(?:mlp_fc[12]|mod_linear)"
+                            r"|single_blocks_\d+_modulation_linear|double_blocks_19_)|individual_token_refiner")
 _FLUX = re.compile(r"(?:^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d")
 _SD3 = re.compile(r"(?:^|_)joint_blocks_\d|(?:^|_)(context_block|x_block)_")
 _MMDIT = re.compile(r"transformer_blocks_\d+_(attn_add_[qkv]_proj|ff_context|norm1_context)")
@@ -104,6 +109,8 @@ def explain_family(names: Iterable[str], shapes: Mapping[str, tuple] | None = No
     flat = {n: n.replace(".", "_") for n in names}
     claimed = family_from_metadata(metadata)
 
+    if any(_HUNYUAN_VIDEO.search(f) for f in flat.values()):
+        return "hunyuan_video", "HunyuanVideo block names (img_mlp.fc1, img_mod.linear, …)"
     if any(_FLUX.search(f) for f in flat.values()):
         return "flux", "double/single transformer blocks"
     if any(_SD3.search(f) for f in flat.values()):

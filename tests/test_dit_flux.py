@@ -176,3 +176,29 @@ def test_text_encoders_do_not_sway_the_family(tmp_path):
         names = [n for n in arch_for("flux2", variant).shapes if n.startswith("lora_te_layers_1_")]
         with open_lora(_kohya_file(tmp_path / f"{variant}.safetensors", "flux2", variant, names, claim)) as reader:
             assert (reader.family, reader.variant) == ("flux2", variant), reader.family_reason
+
+
+def test_hunyuan_video_is_not_flux(tmp_path):
+    """HunyuanVideo's double/single blocks have Flux's names and widths in kohya
+    spelling (img_attn_qkv, linear1), but musubi-tuner and diffusion-pipe keep the
+    original img_mlp.fc1 / img_mod.linear / modulation.linear: such a file is
+    HunyuanVideo (no table: kohya names as spelled), and merging it with a Flux
+    LoRA is a one-line error, not a merge of unrelated layers."""
+    h, mlp = 3072, 12288
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for stem, d_out, d_in in (("double_blocks_0_img_attn_qkv", 3 * h, h), ("double_blocks_0_img_mlp_fc1", mlp, h),
+                              ("double_blocks_0_txt_mod_linear", 6 * h, h), ("single_blocks_0_linear1", 3 * h + mlp, h),
+                              ("single_blocks_39_modulation_linear", 3 * h, h)):
+        t[f"lora_unet_{stem}.lora_down.weight"] = torch.randn(2, d_in, generator=g)
+        t[f"lora_unet_{stem}.lora_up.weight"] = torch.randn(d_out, 2, generator=g)
+    save_file(t, str(tmp_path / "hv.safetensors"))
+    hv = load_lora(str(tmp_path / "hv.safetensors"))
+    assert hv.family == "hunyuan_video"
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in hv.modules and len(hv.modules) == 5
+    names = ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"]
+    flux = load_lora(dit_files.write(dit_files.random_dit_lora("flux", "dev", names), "flux", "dev", "kohya",
+                                     tmp_path / "flux.safetensors"))
+    with pytest.raises(LoraError) as err:
+        merge([flux, hv], method="concat")
+    assert "\n" not in str(err.value) and "Flux.1" in str(err.value) and "HunyuanVideo" in str(err.value)
