@@ -24,6 +24,11 @@ _TE_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 # img_mod.linear, modulation.linear, the text token refiner, a 20th double block) do not.
 _HUNYUAN_VIDEO = re.compile(r"(?:^|_)(?:double_blocks_\d+_(?:img|txt)_(?:mlp_fc[12]|mod_linear)"
                             r"|single_blocks_\d+_modulation_linear|double_blocks_19_)|individual_token_refiner")
+# A DiT's own top-level transformer_blocks.N.attn1 (LTX-Video): an SD UNet's sit inside
+# attentions_N / input_blocks_N_1, SD3.5 Medium's second attention is attn2. Matched on the
+# name as spelled: diffusers' Wan "transformer.blocks.0.attn1" flattens to the same string.
+_LTX = re.compile(r"^(?:(?:transformer|diffusion_model|model\.diffusion_model|base_model\.model)\.|lora_unet_"
+                  r"|lora_transformer_|lycoris_)?transformer_blocks[._]\d+[._]attn1[._]")
 _FLUX = re.compile(r"(?:^|_)(double_blocks|single_blocks|single_transformer_blocks)_\d")
 _SD3 = re.compile(r"(?:^|_)joint_blocks_\d|(?:^|_)(context_block|x_block)_")
 _MMDIT = re.compile(r"transformer_blocks_\d+_(attn_add_[qkv]_proj|ff_context|norm1_context)")
@@ -121,6 +126,9 @@ def explain_family(names: Iterable[str], shapes: Mapping[str, tuple] | None = No
         if 3072 in widths or claimed == "flux":
             return "flux", "MM-DiT blocks of width 3072"
         return "sd3", "MM-DiT blocks"
+
+    if any(_LTX.search(n) for n in names):
+        return "ltx", "top-level transformer_blocks.N.attn1 (LTX-Video)"
 
     contexts = {_in_width(shapes.get(n)) for n, f in flat.items() if _CROSS_KV.search(f)} - {0}
     known = [_CONTEXT_WIDTH[c] for c in sorted(contexts) if c in _CONTEXT_WIDTH]

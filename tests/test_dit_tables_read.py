@@ -208,3 +208,21 @@ def test_wan_fun_double_underscore_prefix(tmp_path):
     lora = load_lora(str(tmp_path / "fun.safetensors"))
     assert lora.family == "wan" and not lora.warnings
     _assert_same_delta(lora, src.modules, "wan", "14b")
+
+
+def test_ltx_video_is_read_untabled(tmp_path):
+    """LTX-Video's top-level transformer_blocks.N.attn1/attn2 (width 2048) share
+    diffusers names with SD3.5 Medium's attn2 and an SDXL cross-attention width:
+    the file is LTX-Video, read with kohya names and no shape check (README),
+    not refused as a contradicted SD3 table nor taken for SDXL."""
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for sub, d_out, d_in in (("attn1.to_q", 2048, 2048), ("attn2.to_k", 2048, 2048), ("ff.net.0.proj", 8192, 2048)):
+        key = f"transformer.transformer_blocks.0.{sub}"
+        t[f"{key}.lora_A.weight"] = torch.randn(2, d_in, generator=g)
+        t[f"{key}.lora_B.weight"] = torch.randn(d_out, 2, generator=g)
+    save_file(t, str(tmp_path / "ltx.safetensors"))
+    lora = load_lora(str(tmp_path / "ltx.safetensors"))
+    assert lora.family == "ltx"
+    assert set(lora.modules) == {"lora_unet_transformer_blocks_0_attn1_to_q", "lora_unet_transformer_blocks_0_attn2_to_k",
+                                 "lora_unet_transformer_blocks_0_ff_net_0_proj"}

@@ -163,7 +163,7 @@ class LoraReader:
 
     def _fit_dit(self, plans: list[ModulePlan], claimed: str | None) -> None:
         """Family and variant of a DiT file by fitting its modules to the tables."""
-        if self.family == "hunyuan_video":  # decided by names no table family has
+        if self.family in ("hunyuan_video", "ltx"):  # decided by names no table family has
             return
         candidates = dit_candidates([p.module_key for p in plans], self.metadata)
         if self.family in DIT_FAMILIES and self.family not in candidates:
