@@ -321,6 +321,9 @@ class SimilarityReport:
         level per module, on a scale that ends at the largest of them, with the
         mean chance marked; then the distances ÷ their maximum (high = different)."""
         from .plot import Panel, heatmap
+        if not self.results:
+            raise LoraError(f"{self.a.name} and {self.b.name} share no module: there is no heatmap to draw",
+                            self.a.path)
         table, names, labels = self.measure_table()
         per_side = len(labels) // len(self.sides)
         row = {n: i for i, n in enumerate(names)}

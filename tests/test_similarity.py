@@ -342,6 +342,30 @@ def test_cli_writes_everything(tmp_path, monkeypatch, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_loras_sharing_no_module_have_no_heatmap_one_line_and_nothing_written(tmp_path, monkeypatch, capsys):
+    """A text-encoder-only LoRA against a UNet-only one: the summary says so; a heatmap
+    asked for is a one-line error before any file is written (a ValueError
+    traceback from the plotter before)."""
+    from core import cli
+    from core.commands import similarity as cmd
+    from core.synthetic import module_names
+    names = module_names("sd1")
+    te, unet = [n for n in names if n.startswith("lora_te")][:2], [n for n in names if n.startswith("lora_unet")][:2]
+    files = {"A.safetensors": random_lora("sd1", 2, 1, names=te, path="A.safetensors"),
+             "B.safetensors": random_lora("sd1", 2, 2, names=unet, path="B.safetensors")}
+    rep = compare(files["A.safetensors"], files["B.safetensors"])
+    with pytest.raises(LoraError, match="share no module") as err:
+        rep.heatmap_image()
+    assert err.value.path == "A.safetensors"
+    monkeypatch.setattr(cmd, "_load", lambda p: files[p])
+    out_json, out_png = tmp_path / "r.json", tmp_path / "h.png"
+    rc = cli.main(["similarity", "A.safetensors", "B.safetensors", "--json", str(out_json), "--heatmap",
+                   str(out_png)])
+    err_text = capsys.readouterr().err
+    assert rc == 2 and "share no module" in err_text and len(err_text.strip().splitlines()) == 1
+    assert not out_json.exists() and not out_png.exists()
+
+
 # ---------------------------------------------------------------- real files (need core.formats)
 @pytest.fixture(scope="module")
 def load_lora():

@@ -78,11 +78,12 @@ def run(args) -> int:
     name = shared_module(a, b, args.grid) if args.grid else None
     report = compare(a, b, side=args.side, top=args.top, progress=terminal_progress("comparing"))
     print(report.text_summary(groups=args.groups))
+    heat = report.heatmap_image() if args.heatmap else None     # refused before any file is written
     if args.json:
         report.to_json(args.json, overwrite=args.overwrite)
         print(f"\nJSON report: {args.json}")
-    if args.heatmap:
-        image_to_png(report.heatmap_image(), args.heatmap, args.overwrite)
+    if heat is not None:
+        image_to_png(heat, args.heatmap, args.overwrite)
         print(f"heatmap: {args.heatmap}")
     if name:
         for side in report.sides:
