@@ -88,6 +88,22 @@ def test_block_weights_out_of_range_or_negative_for_a_mean_name_the_file_and_mod
     merge([a, c], method="svd", rank=2, block_weights=[None, "M00=-0.5"])   # a difference: allowed
 
 
+def test_a_named_block_that_matches_no_module_is_an_error_not_a_silent_no_op():
+    """LBW block IDs on a Flux LoRA (its modules are in none of LBW's UNet blocks), or a
+    block these LoRAs have no module in: before, the merge ran as if no block weight
+    was given. Lists and presets cover every block and may miss some."""
+    from tests.dit_files import random_dit_lora, sample_names
+    names = sample_names("flux", "dev", per_group=1, groups=1)[:4]
+    flux = [random_dit_lora("flux", "dev", names, rank=2, seed=s) for s in (1, 2)]
+    with pytest.raises(LoraError, match="'IN04' in block weights 'IN04=0' matches no module"):
+        merge(flux, method="linear", block_weights=["IN04=0", None])
+    a = random_lora("sd1", rank=2, seed=1, names=NAMES, path="a.safetensors")
+    c = random_lora("sd1", rank=2, seed=3, names=NAMES, path="c.safetensors")
+    with pytest.raises(LoraError, match="'OUT11' in block weights 'M00=0.5,OUT11=0' matches no module"):
+        merge([a, c], method="linear", block_weights=[None, "M00=0.5,OUT11=0"])
+    merge([a, c], method="linear", block_weights=["OUTALL", "M00=0.5,OUT05=0"])    # OUTALL names OUT11 too
+
+
 def planted(seed=0, d=320, r=4):
     """Two LoRAs sharing half their directions: ΔW_1 = shared + private_1, ΔW_2 = shared + private_2."""
     g = torch.Generator().manual_seed(seed)

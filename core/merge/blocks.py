@@ -119,10 +119,23 @@ def block_factors(specs: list[str | None], names, family: str, groups: dict[str,
         factors: dict[str, float] = {}
         if spec is not None and spec.strip():
             table = parse_spec(spec, family, groups)
+            used = set()
             for name in names:
                 key = lbw_block(name)
-                value = table.get(key) if key in table else table.get(groups.get(name, ""))
-                if value is not None and value != 1:
-                    factors[name] = value
+                key = key if key in table else groups.get(name, "")
+                if key in table:
+                    used.add(key)
+                    if table[key] != 1:
+                        factors[name] = table[key]
+            unused = [key for key in table if key not in used]
+            if unused and "=" in spec:      # named by hand (a list or preset covers every block)
+                raise LoraError(f"block '{unused[0]}' in block weights '{spec}' matches no module of these "
+                                f"LoRAs ({len(unused)} such); their blocks and groups: "
+                                f"{', '.join(sorted(_present(names, groups))) or '-'}")
         out.append(factors)
     return out
+
+
+def _present(names, groups: dict[str, str]) -> set[str]:
+    """The LBW blocks and family groups the modules `names` fall in."""
+    return {x for name in names for x in (lbw_block(name), groups.get(name)) if x}
