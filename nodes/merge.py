@@ -122,11 +122,9 @@ class GrassmannLoRAKarcherMerge:
 
 def block_specs(text: str, n: int) -> list[str | None] | None:
     """The block_weights input as core.merge takes it: one line per LoRA; blank: none."""
-    lines = [line.strip() for line in text.strip().splitlines()] if text.strip() else []
-    if not lines:
-        return None
-    lines += [""] * max(0, n - len(lines))
-    return [None if x in ("", "-") else x for x in lines]
+    from ..core.merge.blocks import spec_lines
+
+    return spec_lines(text, n)
 
 
 def merge_rank(method: str, rank: int) -> int | None:

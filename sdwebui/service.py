@@ -197,8 +197,8 @@ def kernel(body: dict, progress=None, stop=None) -> tuple[dict, object, object]:
     return answer, km, result
 
 
-MERGE_FIELDS = ("loras", "method", "weights", "rank", "dtype", "name", "overwrite", "naming", "distance",
-                "max_iter", "ties_density", "dare_drop", "seed")
+MERGE_FIELDS = ("loras", "method", "weights", "rank", "energy", "block_weights", "normalise", "space", "keep",
+                "dtype", "name", "overwrite", "naming", "distance", "max_iter", "ties_density", "dare_drop", "seed")
 
 
 def merge_methods() -> tuple[str, ...]:
@@ -250,27 +250,49 @@ def _saved(name: str, path: str, replaced: bool) -> dict:
             "overwritten": replaced, "caches_cleared": cleared}
 
 
+def _per_lora(body: dict, key: str, n: int, ok, what: str) -> list | None:
+    """A list with one entry per LoRA (or null)."""
+    values = body.get(key)
+    if values is not None and (not isinstance(values, list) or len(values) != n or not all(map(ok, values))):
+        raise RequestError(f"'{key}' must list {n} {what}, one per LoRA")
+    return values
+
+
+def _param(body: dict, param, kind):
+    """A parameter of the method table (core.merge.methods.Param): type here; default, choices, range there."""
+    value = _field(body, param.name, kind, param.default, param.choices)
+    try:
+        return param.check(value)
+    except LoraError as err:
+        raise RequestError(f"'{param.name}': {err}") from None
+
+
 def merge(body: dict, progress=None, stop=None) -> tuple[dict, object]:
     """Answer (saved name, prompt tag, fidelity report) and the MergeResult."""
     from ..core import merge as merge_module
     from ..core.karcher import DISTANCES
+    from ..core.merge import methods as table
     from ..core.save import DTYPES
 
     check_body(body, MERGE_FIELDS)
     refs = _refs(body)
     method = _field(body, "method", str, host.option("grassmann_lora_method", "karcher"), merge_methods())
-    weights = body.get("weights")
-    if weights is not None and (not isinstance(weights, list) or len(weights) != len(refs)
-                                or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                           for w in weights)):
-        raise RequestError(f"'weights' must list {len(refs)} numbers, one per LoRA")
-    rank = _field(body, "rank", int, None, low=1)
+    weights = _per_lora(body, "weights", len(refs), lambda w: isinstance(w, (int, float)) and not isinstance(w, bool),
+                        "numbers")
+    rank = body.get("rank")
+    if rank != "auto":
+        if isinstance(rank, str):
+            raise RequestError(f"'rank' must be int or 'auto', got {rank!r}")
+        rank = _field(body, "rank", int, None, low=1)
     dtype = _field(body, "dtype", str, host.option("grassmann_lora_dtype", "fp16"), tuple(DTYPES))
     kwargs = dict(naming=_field(body, "naming", str, "kohya", merge_module.NAMINGS),
                   distance=_field(body, "distance", str, "geodesic", DISTANCES),
                   max_iter=_field(body, "max_iter", int, None, low=1),
-                  ties_density=_field(body, "ties_density", float, 0.2),
-                  dare_drop=_field(body, "dare_drop", float, 0.5), seed=_field(body, "seed", int, 0))
+                  block_weights=_per_lora(body, "block_weights", len(refs), lambda x: x is None or isinstance(x, str),
+                                          "entries (null or a block-weight spec)"),
+                  **{p.name: _param(body, p, kind) for p, kind in (
+                      (table.ENERGY, float), (table.NORMALISE, bool), (table.SPACE, str), (table.KEEP, float),
+                      (table.TIES_DENSITY, float), (table.DARE_DROP, float), (table.SEED, int))})
     paths = [resolve(r) for r in refs]
     name, path, replaced = _target(body, DEFAULT_PREFIX)
     if any(os.path.exists(path) and os.path.samefile(p, path) for p in paths):

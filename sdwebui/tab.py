@@ -128,6 +128,15 @@ def parse_weights(text: str, n: int) -> list[float] | None:
     return weights
 
 
+def parse_block_weights(text: str, n: int) -> list[str | None] | None:
+    from ..core.merge.blocks import spec_lines
+
+    specs = spec_lines(text, n)
+    if specs is not None and len(specs) != n:
+        raise service.RequestError(f"{len(specs)} block-weight line(s) for {n} LoRA(s)")
+    return specs
+
+
 def merge_rows(report) -> list[list[str]]:
     s = report.summary()
     rows = []
@@ -138,13 +147,22 @@ def merge_rows(report) -> list[list[str]]:
     return rows
 
 
+MERGE_PARAMS = (("energy", float), ("space", str), ("keep", float), ("ties_density", float),
+                ("dare_drop", float), ("seed", int))    # merge()'s last inputs, in order; None: the table's default
+
+
 @guarded(3)
-def merge(loras, weights, method, rank, dtype, name, overwrite, progress=None):
+def merge(loras, weights, method, rank, dtype, name, overwrite, rank_auto=False, block_weights="",
+          normalise=False, energy=None, space=None, keep=None, ties_density=None, dare_drop=None, seed=None,
+          progress=None):
     """→ (status, fidelity rows, report text, <lora:name:1>)."""
     loras = list(loras or [])
+    given = (energy, space, keep, ties_density, dare_drop, seed)
     body = {"loras": loras, "weights": parse_weights(weights, len(loras)), "method": method,
-            "rank": _opt_int(rank), "dtype": dtype, "name": (name or "").strip() or None,
-            "overwrite": bool(overwrite)}
+            "rank": "auto" if rank_auto else _opt_int(rank), "dtype": dtype, "name": (name or "").strip() or None,
+            "overwrite": bool(overwrite), "block_weights": parse_block_weights(block_weights, len(loras)),
+            "normalise": bool(normalise),
+            **{key: kind(v) for (key, kind), v in zip(MERGE_PARAMS, given) if v not in (None, "")}}
     answer, result = service.merge(body, _progress(progress, "merge"), STOP)
     rel = result.report.summary()["rel_error"]
     status = (f"Saved {answer['file']} ({'overwritten, caches cleared' if answer['overwritten'] else 'new'}); "
@@ -200,6 +218,8 @@ def build():
     """The tab's gr.Blocks."""
     import gradio as gr
     from ..core.kernels import DEFAULT_KERNEL, KERNELS
+    from ..core.merge.blocks import SPEC_HELP
+    from ..core.merge.methods import DARE_DROP, ENERGY, KEEP, NORMALISE, SEED, SPACE, TIES_DENSITY
 
     def progress_fn(fn):
         def with_progress(*args, progress=gr.Progress()):
@@ -254,11 +274,30 @@ def build():
                 with gr.Row():
                     m_method = gr.Dropdown(methods, value=host.option("grassmann_lora_method", "karcher"),
                                            label="Method")
-                    m_rank = gr.Number(0, label="Rank (0 = smallest source rank)", precision=0)
+                    m_rank = gr.Number(0, label="Rank (0 = per module the smallest source rank)", precision=0)
+                    m_auto = gr.Checkbox(False, label=f"Auto rank (keep {ENERGY.default:.0%} of the energy; the "
+                                                      "share: Method parameters)", info=ENERGY.help)
                     m_dtype = gr.Radio(["fp16", "bf16", "fp32"], value=host.option("grassmann_lora_dtype", "fp16"),
                                        label="dtype")
                     m_name = gr.Textbox("", label="Name (empty = new unique name)")
                     m_overwrite = gr.Checkbox(False, label="Overwrite an existing LoRA of that name")
+                with gr.Row():
+                    m_blocks = gr.Textbox("", lines=2, label="Block weights (one line per chosen LoRA, in order; "
+                                                             "empty line = none)",
+                                          placeholder="INS\n1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0\nIN04=0,M00=0.5",
+                                          info=f"Each line: {SPEC_HELP}.")
+                    m_normalise = gr.Checkbox(False, label="Normalise (linear, concat, svd)", info=NORMALISE.help)
+                with gr.Accordion("Method parameters", open=False):
+                    with gr.Row():
+                        m_energy = gr.Number(ENERGY.default, label="Auto rank: energy share", info=ENERGY.help)
+                        m_space = gr.Radio(list(SPACE.choices), value=SPACE.default, label="Space (ties, dare)",
+                                           info=SPACE.help)
+                        m_keep = gr.Number(KEEP.default, label="Keep (tsv)", info=KEEP.help)
+                        m_density = gr.Number(TIES_DENSITY.default, label="Density (ties, knots-ties)",
+                                              info=TIES_DENSITY.help)
+                        m_drop = gr.Number(DARE_DROP.default, label="Drop probability (dare, knots-dare)",
+                                           info=DARE_DROP.help)
+                        m_seed = gr.Number(SEED.default, label="Seed", precision=0, info=SEED.help)
                 m_btn = gr.Button("Merge and save", variant="primary", elem_id="grassmann_lora_merge_run")
                 m_prompt = gr.Textbox(label="Use in the prompt", show_copy_button=True, interactive=False)
                 m_table = gr.Dataframe(headers=MERGE_HEADERS, label="Fidelity per source", interactive=False)
@@ -302,7 +341,9 @@ def build():
                       outputs=[status, sim_text, sim_heat, sim_grid])
         k_btn.click(progress_fn(kernel), inputs=[k_loras, k_kernel, k_beta, k_side, k_clusters],
                     outputs=[status, k_text, k_heat, k_table])
-        m_btn.click(progress_fn(merge), inputs=[m_loras, m_weights, m_method, m_rank, m_dtype, m_name, m_overwrite],
+        m_btn.click(progress_fn(merge), inputs=[m_loras, m_weights, m_method, m_rank, m_dtype, m_name, m_overwrite,
+                                                m_auto, m_blocks, m_normalise, m_energy, m_space, m_keep, m_density,
+                                                m_drop, m_seed],
                     outputs=[status, m_table, m_text, m_prompt]).then(refreshed, inputs=[], outputs=pickers)
         c_btn.click(convert, inputs=[c_lora, c_name, c_dtype], outputs=[status, c_text]) \
             .then(refreshed, inputs=[], outputs=pickers)

@@ -289,6 +289,53 @@ def test_every_merge_method_offered(ext):
         assert (ext.lora_dir / f"m-{method}.safetensors").is_file()
 
 
+def _factors(path) -> dict:
+    from core.formats import load_lora
+    return {n: (m.up.double() * m.scale, m.down.double()) for n, m in load_lora(str(path)).modules.items()}
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("svd", {"rank": "auto", "energy": 0.6}),
+    ("linear", {"normalise": True}),
+    ("linear", {"block_weights": ["IN01=0.25", None]}),
+    ("ties", {"space": "full", "ties_density": 0.5, "seed": 3}),
+    ("tsv", {"keep": 0.5}),
+], ids=["rank-auto", "normalise", "block-weights", "space-full", "tsv-keep"])
+def test_merge_route_passes_the_cli_options_to_the_core(ext, method, extra):
+    """Each new field reaches core.merge.merge: the saved file is what core makes with the same
+    arguments, and not what it makes without them."""
+    from core.formats import load_lora
+    from core.merge import merge
+    body = {"loras": ["style_a", "style_b"], "method": method, "weights": [1.0, 1.0], "dtype": "fp32"}
+    status, answer = ext.routes.handle("merge", {**body, **extra, "name": "with"})
+    assert status == 200, answer
+    status, _ = ext.routes.handle("merge", {**body, "name": "without"})
+    assert status == 200
+    sources = [load_lora(str(ext.lora_dir / f"{n}.safetensors")) for n in ("style_a", "style_b")]
+    core = merge(sources, [1.0, 1.0], method, **extra).lora.modules
+    got, plain = _factors(ext.lora_dir / "with.safetensors"), _factors(ext.lora_dir / "without.safetensors")
+    assert set(got) == set(core) and got
+    for name, (up, down) in got.items():
+        ref = core[name].delta()
+        assert torch.allclose(up @ down, ref, atol=1e-6 * ref.abs().max())
+    assert any(not torch.allclose(got[n][0] @ got[n][1], plain[n][0] @ plain[n][1], atol=1e-8) for n in got)
+
+
+def test_block_weight_zero_merges_as_if_that_source_had_no_such_block(ext):
+    """Every module of these LoRAs sits in IN01: A at 0 there leaves exactly w_B·ΔW_B (dense reference)."""
+    from core.formats import load_lora
+    status, answer = ext.routes.handle("merge", {"loras": ["style_a", "style_b"], "method": "linear",
+                                                 "weights": [1.0, 0.7], "dtype": "fp32",
+                                                 "block_weights": ["IN01=0", None], "name": "b-only"})
+    assert status == 200, answer
+    b = load_lora(str(ext.lora_dir / "style_b.safetensors")).modules
+    got = _factors(ext.lora_dir / "b-only.safetensors")
+    assert set(got) == set(b)
+    for name, (up, down) in got.items():
+        ref = 0.7 * b[name].delta()
+        assert torch.allclose(up @ down, ref, atol=1e-6 * ref.abs().max())
+
+
 def test_overwrite_invalidates_a1111_caches(ext):
     status, _ = ext.routes.handle("merge", {"loras": ["style_a", "style_b"], "name": "mine"})
     assert status == 200
@@ -337,7 +384,18 @@ def test_overwrite_invalidates_forge_caches(ext, monkeypatch, neo):
     ("merge", {"loras": ["style_a", "../../outside.safetensors"]}, 403, "outside the WebUI's LoRA folders"),
     ("merge", {"loras": ["style_a"]}, 400, "at least 2"),
     ("merge", {"loras": ["style_a", "style_b"], "method": "average"}, 400, "'method' must be one of"),
-    ("merge", {"loras": ["style_a", "style_b"], "rank": "4"}, 400, "'rank' must be int"),
+    ("merge", {"loras": ["style_a", "style_b"], "rank": "4"}, 400, "'rank' must be int or 'auto'"),
+    ("merge", {"loras": ["style_a", "style_b"], "block_weights": ["INS"]}, 400, "'block_weights' must list 2"),
+    ("merge", {"loras": ["style_a", "style_b"], "block_weights": [1, None]}, 400, "'block_weights' must list 2"),
+    ("merge", {"loras": ["style_a", "style_b"], "block_weights": ["NOPE", None]}, 400,
+     "unknown block-weight preset 'NOPE'"),
+    ("merge", {"loras": ["style_a", "style_b"], "energy": 1.5}, 400, "'energy': rank auto energy share must be in"),
+    ("merge", {"loras": ["style_a", "style_b"], "space": "half"}, 400, "'space' must be one of core, full"),
+    ("merge", {"loras": ["style_a", "style_b"], "keep": 0}, 400, "'keep': tsv keep must be in (0, 1]"),
+    ("merge", {"loras": ["style_a", "style_b"], "normalise": "yes"}, 400, "'normalise' must be bool"),
+    ("merge", {"loras": ["style_a", "style_b"], "normalise": True}, 400, "normalise is offered for the exact"),
+    ("merge", {"loras": ["style_a", "style_b"], "method": "linear", "rank": "auto"}, 400,
+     "the linear merge is exact"),
     ("merge", {"loras": ["style_a", "style_b"], "weights": [1]}, 400, "'weights' must list 2"),
     ("merge", {"loras": ["style_a", "style_b"], "name": "../x"}, 400, "not a plain file name"),
     ("merge", {"loras": ["style_a", "style_b"], "name": "style_a", "overwrite": True}, 400, "one of the sources"),
@@ -403,6 +461,32 @@ def test_tab_callbacks_as_plain_functions(ext):
     status, grid, rows = tab.compare(["a_copy"], "x", "", 3, 2, 64, 64, 7.0, "Euler a", 1.0)
     assert grid.size[0] > 64 and [r[0] for r in rows] == ["base (reference)", "a_copy"]
     assert set(tab.refresh_names()) >= {"style_a", "a_copy", prompt[len("<lora:"):-len(":1>")]}
+
+
+def test_tab_merge_offers_the_cli_options(ext):
+    """Auto rank, block weights (one line per LoRA; an empty first line skips the first LoRA),
+    normalise and the method parameters reach the core as the route's fields."""
+    from core.formats import load_lora
+    from core.merge import merge
+    tab = ext.tab
+    status, *_ = tab.merge(["style_a", "style_b"], "1, 1", "linear", 0, "fp32", "a-only", False, False, "\nIN01=0")
+    assert status.startswith("Saved a-only"), status
+    a = load_lora(str(ext.lora_dir / "style_a.safetensors")).modules
+    for name, (up, down) in _factors(ext.lora_dir / "a-only.safetensors").items():
+        assert torch.allclose(up @ down, a[name].delta(), atol=1e-6 * a[name].delta().abs().max())
+    sources = [load_lora(str(ext.lora_dir / f"{n}.safetensors")) for n in ("style_a", "style_b")]
+    for method, args, kw in (("svd", (True, "", False, 0.6), {"rank": "auto", "energy": 0.6}),
+                             ("svd", (False, "", True), {"normalise": True}),
+                             ("ties", (False, "", False, None, "full", None, 0.5, None, 3),
+                              {"space": "full", "ties_density": 0.5, "seed": 3})):
+        status, *_ = tab.merge(["style_a", "style_b"], "", method, 0, "fp32", "t", True, *args)
+        assert status.startswith("Saved t.safetensors"), status
+        core = merge(sources, None, method, **kw).lora.modules
+        for name, (up, down) in _factors(ext.lora_dir / "t.safetensors").items():
+            ref = core[name].delta()
+            assert torch.allclose(up @ down, ref, atol=1e-6 * ref.abs().max()), (method, kw)
+    status, *_ = tab.merge(["style_a", "style_b"], "", "svd", 0, "fp16", "", False, False, "INS\n-\nOUTS")
+    assert status == "Error: 3 block-weight line(s) for 2 LoRA(s)"
 
 
 def test_tab_errors_are_one_message_not_a_raise(ext):

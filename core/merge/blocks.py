@@ -41,8 +41,21 @@ PRESETS = {     # sd-webui-lora-block-weight's default lbwpresets (17 values)
     "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
     "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
 }
+SPEC_HELP = (f"an LBW preset ({', '.join(PRESETS)}), LBW values in block order (SD1/SD2 17 or 26, SDXL 12 or "
+             "20) or label=value pairs (IN04=0,M00=0.5, or the family's block groups); scales that LoRA's weight "
+             "per block, blocks not named keep 1")
 _DIFFUSERS = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets|downsamplers|upsamplers)(?:_(\d+))?")
 _LDM = re.compile(r"lora_unet_(input|output)_blocks_(\d+)_")
+
+
+def spec_lines(text: str, n: int) -> list[str | None] | None:
+    """Block weights typed one line per LoRA (the node's and the WebUI tab's box) as merge()
+    takes them; an empty or '-' line: none for that LoRA; all empty: None."""
+    lines = [line.strip() for line in (text or "").rstrip().splitlines()]    # a leading empty line counts
+    if not any(lines):
+        return None
+    lines += [""] * max(0, n - len(lines))
+    return [None if x in ("", "-") else x for x in lines]
 
 
 def lbw_block(name: str) -> str | None:

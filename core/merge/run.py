@@ -42,7 +42,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
           device: torch.device | str | None = None, batched: bool | None = None,
           threads: int | None = 1, tol: float | None = None, max_iter: int | None = None,
           progress: Callable[[int, int], None] | None = None, space: str | None = None,
-          keep: float | None = None, energy: float = 0.99,
+          keep: float | None = None, energy: float = methods.ENERGY.default,
           block_weights: list[str | None] | None = None, normalise: bool = False,
           workers: int | None = None) -> MergeResult:
     """Merge LoRAs of one base model into one LoRA (methods: core.merge.methods).
@@ -82,8 +82,7 @@ def merge(loras: list[LoraFile], weights=None, method: str = "karcher", rank: in
     if normalise and not any(p.name == "normalise" for p in m.params):
         raise LoraError(f"normalise is offered for the exact merges (linear, concat, svd), not {method}")
     params = m.options({k: v for k, v in given.items() if v is not None or k == "tol"})
-    if not 0 < energy <= 1:
-        raise LoraError(f"rank auto energy share must be in (0, 1], got {energy}")
+    methods.ENERGY.check(energy)
     if rank == "auto" and params.get("space") == "full":
         raise LoraError(f"rank auto is not offered for {method} in space full (the dense rule); use space core")
     w = check_weights(loras, weights, m)
