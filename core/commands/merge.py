@@ -25,7 +25,9 @@ def add_arguments(parser) -> None:
                         help="one weight per LoRA (1 = full strength; default 1/N each)")
     parser.add_argument("--rank", type=_rank, default=None,
                         help="merge rank, or 'auto': per module the smallest rank holding --energy of the "
-                             "merged energy (default: the smallest source rank per module; not for linear)")
+                             "merged energy (karcher, chordal, flag-median: the directions a weighted "
+                             "majority of the sources share, consensus eigenvalue > ½) (default: the "
+                             "smallest source rank per module; not for linear)")
     parser.add_argument("--energy", type=float, default=0.99, help="rank auto: share of the energy kept")
     parser.add_argument("--space", choices=("core", "full"), default=None,
                         help="ties/dare: on the sources' core coordinates (default, exact from factors) or "

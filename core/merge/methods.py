@@ -132,7 +132,8 @@ SPACE = Param("space", "core", "core: the rule on the sources' intrinsic core co
 NORMALISE = Param("normalise", False, "stack without burning: directions several sources share come out at "
                   "one source's strength, directions one source uses alone untouched", choices=(False, True))
 ENERGY = Param("energy", 0.99, "rank auto: share of the merged energy each module keeps (the smallest rank "
-                "holding it)", label="rank auto energy share", low=0.0, high=1.0, low_open=True)
+                "holding it; karcher, chordal and flag-median ignore it: their auto rank is the directions a "
+                "weighted majority of the sources share)", label="rank auto energy share", low=0.0, high=1.0, low_open=True)
 KEEP = Param("keep", 1.0, "tsv: fraction of each source's singular triplets used (top ones)", label="tsv keep",
              low=0.0, high=1.0, low_open=True)
 
