@@ -36,10 +36,12 @@ _CROSS_KV = re.compile(r"attn2_(?:processor_)?to_[kv](?:_lora)?$")
 _TE_ATTN = re.compile(r"encoder_layers_\d+_self_attn_(?:q|k|v)_proj$")
 _TE2 = re.compile(r"^(lora_te2_|text_encoder_2_|text_encoders_clip_g_|clip_g_)")
 _TE1 = re.compile(r"^(lora_te1_|text_encoders_clip_l_|clip_l_)")
-# UNet paths that exist only in the 4-level SD1/SD2 UNet, or only in SDXL.
+# UNet paths that exist only in the 4-level SD1/SD2 UNet, or only in SDXL. SDXL's deep
+# transformer_blocks sit inside a UNet block (attentions_0_, input_blocks_4_1_); a DiT's
+# own top-level ones (diffusers Flux, SD3, Flux.2: transformer_blocks.4.ff.net.0) are not SDXL.
 _SD12_ONLY = re.compile(r"(down_blocks_3|up_blocks_3|down_blocks_0_attentions|input_blocks_(10|11)_"
                         r"|input_blocks_[12]_1_|output_blocks_(9|10|11)_)")
-_SDXL_ONLY = re.compile(r"transformer_blocks_[2-9]_")
+_SDXL_ONLY = re.compile(r"\d_transformer_blocks_[2-9]_")
 
 
 def family_from_metadata(metadata: Mapping[str, str] | None) -> str | None:

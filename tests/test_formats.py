@@ -304,6 +304,11 @@ def test_family_from_keys_and_metadata():
     mmdit = "transformer.transformer_blocks.0.attn.add_k_proj"
     assert detect_family([mmdit], {mmdit: (1536, 1536)}) == "sd3"
     assert detect_family([mmdit], {mmdit: (3072, 3072)}) == "flux"
+    # SDXL's deep transformer_blocks sit in a UNet block; a DiT's top-level ones (a diffusers
+    # Flux.1 / SD3 / Flux.2 LoRA of MLPs only) are not SDXL, whatever their index
+    assert detect_family(["transformer.transformer_blocks.4.ff.net.0.proj"], {}) == "unknown"
+    assert detect_family(["unet.down_blocks.2.attentions.1.transformer_blocks.4.ff.net.0.proj"], {}) == "sdxl"
+    assert detect_family(["lora_unet_input_blocks_7_1_transformer_blocks_2_attn1_to_q"], {}) == "sdxl"
     # a lone module both SD1 and SDXL have: only metadata can tell
     lone = ["lora_unet_down_blocks_0_resnets_0_conv1"]
     assert detect_family(lone, {}) == "unknown"
