@@ -161,9 +161,35 @@ def node_result(result: tuple, tables: list[dict] = (), text: str | None = None,
     return {"ui": ui, "result": result} if ui else {"result": result}
 
 
-# Which base family a ComfyUI MODEL is, so a LoRA for another base is refused
-# with a clear message instead of ComfyUI's per-key warnings.
-def model_family(model) -> str | None:
+# The LoRA families each ComfyUI checkpoint class accepts (comfy.supported_models class
+# names; the most derived class listed decides, so Flux2 overrides Flux and WAN22_T2V
+# inherits WAN21_T2V; classes not listed, or listed as None, are not checked). A false
+# refusal is worse than no check, so a checkpoint also accepts the family the core
+# reads its own LoRAs as where their files cannot tell the two apart:
+CHECKPOINT_FAMILIES: dict[str, tuple[str, ...] | None] = {
+    "SD15": ("sd1",), "SD20": ("sd2",), "SDXL": ("sdxl",), "SDXLRefiner": ("sdxl",),
+    "SD3": ("sd3",),
+    "Flux": ("flux",),                          # and FluxInpaint, FluxSchnell
+    "Flux2": ("flux2", "flux"),                 # a Klein LoRA with double blocks only fits Flux.1's table too
+    "Chroma": ("flux",),                        # Chroma is a variant of the Flux.1 table (ChromaRadiance too)
+    "QwenImage": ("qwen_image", "flux"),        # diffusers attention in blocks < 19 only fits Flux.1's table too
+    "ZImage": ("z_image",),                     # not Lumina2, its base, whose LoRAs read as Z-Image
+    "WAN21_T2V": ("wan",),                      # every Wan 2.1/2.2 model subclasses it
+    "HiDream": ("hidream",),
+    "HunyuanVideo": ("hunyuan_video", "flux"),  # its kohya double/single block names are Flux's
+    # other models built on HunyuanVideo / LTX-Video, whose LoRAs the core has no table for
+    "HunyuanImage21": None, "HunyuanImage21Refiner": None, "HunyuanVideo15": None,
+    "HunyuanVideo15_SR_Distilled": None, "LTXAV": None,
+    "LTXV": ("ltx",),
+}
+CHECKPOINT_LABELS = {"Chroma": "Chroma"}        # else the label of the first accepted family
+SD_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def checkpoint_families(model) -> tuple[str, tuple[str, ...]] | None:
+    """(label, accepted LoRA families) of a ComfyUI MODEL's checkpoint class, or
+    None when it is not checked (or no ComfyUI)."""
+    from ..core.lora import FAMILY_LABELS
     try:
         import comfy.supported_models as sm
     except ImportError:
@@ -171,11 +197,26 @@ def model_family(model) -> str | None:
     config = getattr(getattr(model, "model", None), "model_config", None)
     if config is None:
         return None
-    for family, cls in (("sdxl", getattr(sm, "SDXL", None)), ("sdxl", getattr(sm, "SDXLRefiner", None)),
-                        ("sd2", getattr(sm, "SD20", None)), ("sd1", getattr(sm, "SD15", None))):
-        if cls is not None and isinstance(config, cls):
-            return family
+    listed = {getattr(sm, name, None): name for name in CHECKPOINT_FAMILIES}  # a class this ComfyUI lacks: absent
+    for cls in type(config).__mro__:
+        name = listed.get(cls)
+        if name is not None:
+            accepted = CHECKPOINT_FAMILIES[name]
+            if accepted is None:
+                return None
+            return CHECKPOINT_LABELS.get(name, FAMILY_LABELS[accepted[0]]), accepted
     return None
+
+
+def _refused(lora, accepted: tuple[str, ...]) -> bool:
+    """A LoRA of a known family the checkpoint does not accept. On a DiT checkpoint a
+    LoRA with text-encoder modules only is let through: CLIP-L, T5 and Qwen3 are shared
+    across bases, so its family is a guess (a Flux.1 CLIP-L LoRA reads as SDXL)."""
+    from ..core.lora import module_part
+    family = getattr(lora, "family", "unknown")
+    if family == "unknown" or family in accepted:
+        return False
+    return accepted[0] in SD_FAMILIES or any(module_part(n) == "unet" for n in lora.modules)
 
 
 def check_family(lora, model) -> None:
@@ -189,18 +230,18 @@ def check_families(named, model) -> None:
     from ..core.errors import LoraError
     from ..core.lora import FAMILY_LABELS
 
-    have = model_family(model) if model is not None else None
-    if not have:
+    rule = checkpoint_families(model) if model is not None else None
+    if rule is None:
         return
-    wrong = [(slot, lora) for slot, lora in named
-             if getattr(lora, "family", "unknown") in ("sd1", "sd2", "sdxl") and lora.family != have]
+    label, accepted = rule
+    wrong = [(slot, lora) for slot, lora in named if _refused(lora, accepted)]
     if not wrong:
         return
     who = ", ".join(f"{slot + ' ' if slot else ''}{os.path.basename(lora.path or '') or 'LoRA'} "
-                    f"({FAMILY_LABELS[lora.family]})" for slot, lora in wrong)
+                    f"({FAMILY_LABELS.get(lora.family, lora.family)})" for slot, lora in wrong)
     raise LoraError(f"{who} {'is' if len(wrong) == 1 else 'are'} made for another base model than the "
-                    f"checkpoint, which is {FAMILY_LABELS[have]}; use LoRAs trained on "
-                    f"{FAMILY_LABELS[have]}, or a checkpoint of their base")
+                    f"checkpoint, which is {label}; use LoRAs trained on "
+                    f"{label}, or a checkpoint of their base")
 
 
 def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, dtype=None):

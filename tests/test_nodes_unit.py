@@ -571,19 +571,37 @@ def test_apply_save_as_written_keeps_lokr_products_fp32():
     assert common.as_written(lora, torch.float16) is lora
 
 
-def test_merge_onto_another_base_names_the_sources_and_the_checkpoint(monkeypatch):
-    """Two SD2 LoRAs merged onto an SD1.5 checkpoint: refused before any merging,
-    naming each source by input and file and the checkpoint's family (not the
-    merge's own name, a file the user never made)."""
+# ----------------------------------------------------------------------------- base-model check
+
+# comfy.supported_models' class tree as far as the check relies on it (the real classes are
+# checked in tests/integration/test_comfy_families.py): subclass -> base.
+COMFY_MODEL_TREE = {
+    "SD15": None, "SD20": None, "SDXL": None, "SDXLRefiner": None, "SD3": None, "Flux": None,
+    "FluxSchnell": "Flux", "FluxInpaint": "Flux", "Flux2": "Flux", "Chroma": None, "ChromaRadiance": "Chroma",
+    "QwenImage": None, "Lumina2": None, "ZImage": "Lumina2", "WAN21_T2V": None, "WAN22_T2V": "WAN21_T2V",
+    "HiDream": None, "HunyuanVideo": None, "HunyuanVideo15": "HunyuanVideo", "LTXV": None, "LTXAV": "LTXV",
+}
+
+
+@pytest.fixture
+def comfy_models(monkeypatch):
+    """A stand-in comfy.supported_models; returns model(class name) -> a MODEL of that checkpoint class."""
     import types
     sm = types.ModuleType("comfy.supported_models")
-    for name in ("SD15", "SD20", "SDXL", "SDXLRefiner"):
-        setattr(sm, name, type(name, (), {}))
+    for name, base in COMFY_MODEL_TREE.items():
+        setattr(sm, name, type(name, (getattr(sm, base),) if base else (), {}))
     comfy = types.ModuleType("comfy")
     comfy.supported_models = sm
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.supported_models", sm)
-    model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=sm.SD15()))
+    return lambda name: types.SimpleNamespace(model=types.SimpleNamespace(model_config=getattr(sm, name)()))
+
+
+def test_merge_onto_another_base_names_the_sources_and_the_checkpoint(monkeypatch, comfy_models):
+    """Two SD2 LoRAs merged onto an SD1.5 checkpoint: refused before any merging,
+    naming each source by input and file and the checkpoint's family (not the
+    merge's own name, a file the user never made)."""
+    model = comfy_models("SD15")
     a = random_lora("sd2", rank=4, seed=0, limit=3, path="/loras/style_sd2.safetensors")
     b = random_lora("sd2", rank=4, seed=1, limit=3, path="/loras/other_sd2.safetensors")
     node = pack("nodes.merge").GrassmannLoRAKarcherMerge()
@@ -597,3 +615,73 @@ def test_merge_onto_another_base_names_the_sources_and_the_checkpoint(monkeypatc
     # one LoRA applied alone: the same message, in the singular
     with pytest.raises(LoraError, match=r"^style_sd2.safetensors \(SD2.x\) is made for another base"):
         pack("nodes.common").check_family(a, model)
+
+
+def _family_lora(family: str, path: str = "/loras/x.safetensors"):
+    """A LoRA the core read as ``family``, with one diffusion-model module."""
+    lora = random_lora("sd1", rank=2, seed=0, limit=1, path=path)
+    lora.family = family
+    return lora
+
+
+@pytest.mark.parametrize("checkpoint,own", [
+    ("SD15", "sd1"), ("SDXL", "sdxl"), ("SD3", "sd3"), ("Flux", "flux"), ("FluxSchnell", "flux"),
+    ("Flux2", "flux2"), ("Chroma", "flux"), ("ChromaRadiance", "flux"), ("QwenImage", "qwen_image"),
+    ("ZImage", "z_image"), ("WAN22_T2V", "wan"), ("HiDream", "hidream"), ("HunyuanVideo", "hunyuan_video"),
+    ("LTXV", "ltx")])
+def test_checkpoint_refuses_a_lora_of_another_family(comfy_models, checkpoint, own):
+    """Each checkpoint class takes its own family's LoRA (and one the core cannot
+    place) and refuses another family's with a one-line error naming both."""
+    model = comfy_models(checkpoint)
+    common.check_family(_family_lora(own), model)
+    common.check_family(_family_lora("unknown"), model)
+    other = "flux" if own == "wan" else "wan"
+    with pytest.raises(LoraError) as err:
+        common.check_family(_family_lora(other, "/loras/other.safetensors"), model)
+    label = "Chroma" if checkpoint.startswith("Chroma") else core.lora.FAMILY_LABELS[own]
+    assert str(err.value) == (f"other.safetensors ({core.lora.FAMILY_LABELS[other]}) is made for another base "
+                              f"model than the checkpoint, which is {label}; use LoRAs trained on {label}, "
+                              f"or a checkpoint of their base")
+
+
+@pytest.mark.parametrize("checkpoint", ["Lumina2", "HunyuanVideo15", "LTXAV"])
+def test_unlisted_checkpoints_are_not_checked(comfy_models, checkpoint):
+    """Lumina 2 (Z-Image's base), HunyuanVideo 1.5 and LTX-2 (built on HunyuanVideo /
+    LTX-Video, other models): no check rather than a guess."""
+    common.check_family(_family_lora("wan"), comfy_models(checkpoint))
+    common.check_family(_family_lora("flux"), comfy_models(checkpoint))
+
+
+def test_ambiguous_dit_loras_are_not_refused(comfy_models, tmp_path):
+    """LoRAs whose files the core reads as another family, because nothing in them tells
+    the two apart, are taken by their own checkpoint: read from files as trainers write them."""
+    import re
+    from core.formats import load_lora
+    from core.sdarch import arch_for
+    from tests import dit_files
+
+    def read(family, variant, fmt, names):
+        path = dit_files.write(dit_files.random_dit_lora(family, variant, names), family, variant, fmt,
+                               tmp_path / f"{family}-{variant}-{fmt}.safetensors")
+        return load_lora(path)
+
+    def names(family, variant, pattern):
+        return [n for n in arch_for(family, variant).shapes if re.search(pattern, n)]
+
+    chroma = read("flux", "chroma", "kohya", dit_files.sample_names("flux", "chroma"))
+    klein = read("flux2", "klein-4b", "kohya", names("flux2", "klein-4b", r"double_blocks_0_\w+_attn"))
+    qwen = read("qwen_image", "base", "peft", names("qwen_image", "base", r"blocks_(0|18)_attn_"))
+    clip_l = read("flux", "dev", "kohya", names("flux", "dev", r"^lora_te1_\w+layers_0_"))
+    # HunyuanVideo's kohya double/single-block attention: Flux.1's names and widths
+    hunyuan = read("flux", "dev", "kohya",
+                   names("flux", "dev", r"double_blocks_0_img_attn_qkv|single_blocks_0_linear1"))
+    # diffusers MLPs only (transformer_blocks.4.ff): once taken for SDXL's deep blocks
+    mlp = read("flux", "dev", "peft", names("flux", "dev", r"double_blocks_4_img_mlp_0"))
+    assert ([l.family for l in (chroma, klein, qwen, clip_l, hunyuan, mlp)]
+            == ["flux", "flux", "flux", "sdxl", "flux", "unknown"])
+    for lora, checkpoint in ((chroma, "Chroma"), (chroma, "ChromaRadiance"), (klein, "Flux2"), (qwen, "QwenImage"),
+                             (clip_l, "Flux"), (hunyuan, "HunyuanVideo"), (mlp, "Flux")):
+        common.check_family(lora, comfy_models(checkpoint))
+    # a text-encoder-only LoRA is still judged on an SD checkpoint, as before
+    with pytest.raises(LoraError, match=r"\(SDXL\) is made for another base model .* which is SD1.x;"):
+        common.check_family(clip_l, comfy_models("SD15"))
