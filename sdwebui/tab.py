@@ -282,8 +282,8 @@ def build():
                     m_name = gr.Textbox("", label="Name (empty = new unique name)")
                     m_overwrite = gr.Checkbox(False, label="Overwrite an existing LoRA of that name")
                 with gr.Row():
-                    m_blocks = gr.Textbox("", lines=2, label="Block weights (one line per chosen LoRA, in order; "
-                                                             "empty line = none)",
+                    m_blocks = gr.Textbox("", lines=3, elem_id="grassmann_lora_merge_blocks",
+                                          label="Block weights (one line per chosen LoRA, in order; empty line = none)",
                                           placeholder="INS\n1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0\nIN04=0,M00=0.5",
                                           info=f"Each line: {SPEC_HELP}.")
                     m_normalise = gr.Checkbox(False, label="Normalise (linear, concat, svd)", info=NORMALISE.help)

@@ -22,7 +22,8 @@ try {
   await mergeTab.click();
   await page.locator("#grassmann_lora_merge_run").waitFor({ state: "visible", timeout: 60000 });
   const text = await page.locator("#tab_grassmann_lora").innerText();
-  for (const want of ["Similarity", "Kernel matrix", "Merge", "Convert", "Compare", "Merge and save"]) {
+  for (const want of ["Similarity", "Kernel matrix", "Merge", "Convert", "Compare", "Merge and save", "Auto rank",
+                      "Block weights", "Normalise", "Method parameters"]) {
     if (!text.includes(want)) { console.log(`missing text: ${want}`); code = 1; }
   }
   if (loras.length) {
