@@ -176,7 +176,9 @@ CHECKPOINT_FAMILIES: dict[str, tuple[str, ...] | None] = {
     "ZImage": ("z_image",),                     # not Lumina2, its base, whose LoRAs read as Z-Image
     "WAN21_T2V": ("wan",),                      # every Wan 2.1/2.2 model subclasses it
     "HiDream": ("hidream",),
-    "HunyuanVideo": ("hunyuan_video", "flux"),  # its kohya double/single block names are Flux's
+    # kohya double/single blocks are Flux.1's names and widths; diffusers double-block
+    # attention alone (transformer_blocks.0-19.attn) fits Qwen-Image's table
+    "HunyuanVideo": ("hunyuan_video", "flux", "qwen_image"),
     # other models built on HunyuanVideo / LTX-Video, whose LoRAs the core has no table for
     "HunyuanImage21": None, "HunyuanImage21Refiner": None, "HunyuanVideo15": None,
     "HunyuanVideo15_SR_Distilled": None, "LTXAV": None,
@@ -209,14 +211,19 @@ def checkpoint_families(model) -> tuple[str, tuple[str, ...]] | None:
 
 
 def _refused(lora, accepted: tuple[str, ...]) -> bool:
-    """A LoRA of a known family the checkpoint does not accept. On a DiT checkpoint a
-    LoRA with text-encoder modules only is let through: CLIP-L, T5 and Qwen3 are shared
-    across bases, so its family is a guess (a Flux.1 CLIP-L LoRA reads as SDXL)."""
+    """A LoRA of a known family the checkpoint does not accept. On a DiT checkpoint, only
+    one that trains a diffusion-model module of its family's own table: text encoders
+    (CLIP-L, T5, Qwen3) are shared across bases, and a DiT file read as SD1/SD2/SDXL by a
+    text encoder's width (a Flux.1 CLIP-L LoRA, with diffusers MLPs or not) has no UNet module."""
     from ..core.lora import module_part
+    from ..core.sdarch import TABLE_FAMILIES, arch_for
     family = getattr(lora, "family", "unknown")
     if family == "unknown" or family in accepted:
         return False
-    return accepted[0] in SD_FAMILIES or any(module_part(n) == "unet" for n in lora.modules)
+    if accepted[0] in SD_FAMILIES:
+        return True
+    table = arch_for(family).shapes if family in TABLE_FAMILIES else None  # HunyuanVideo, LTX: by names
+    return any(module_part(n) == "unet" and (table is None or n in table) for n in lora.modules)
 
 
 def check_family(lora, model) -> None:

@@ -618,8 +618,11 @@ def test_merge_onto_another_base_names_the_sources_and_the_checkpoint(monkeypatc
 
 
 def _family_lora(family: str, path: str = "/loras/x.safetensors"):
-    """A LoRA the core read as ``family``, with one diffusion-model module."""
+    """A LoRA the core read as ``family``, training one diffusion-model module of its table."""
+    sdarch = pack("core.sdarch")
+    shapes = sdarch.arch_for(family).shapes if family in sdarch.TABLE_FAMILIES else {"lora_unet_blocks_0_x": ()}
     lora = random_lora("sd1", rank=2, seed=0, limit=1, path=path)
+    lora.modules = {next(n for n in shapes if n.startswith("lora_unet_")): next(iter(lora.modules.values()))}
     lora.family = family
     return lora
 
@@ -642,6 +645,9 @@ def test_checkpoint_refuses_a_lora_of_another_family(comfy_models, checkpoint, o
     assert str(err.value) == (f"other.safetensors ({core.lora.FAMILY_LABELS[other]}) is made for another base "
                               f"model than the checkpoint, which is {label}; use LoRAs trained on {label}, "
                               f"or a checkpoint of their base")
+    if own not in ("sd1", "sdxl"):  # an SDXL LoRA (UNet modules) on a DiT
+        with pytest.raises(LoraError, match=r"^x.safetensors \(SDXL\) is made for another base model"):
+            common.check_family(_family_lora("sdxl"), model)
 
 
 @pytest.mark.parametrize("checkpoint", ["Lumina2", "HunyuanVideo15", "LTXAV"])
@@ -675,12 +681,18 @@ def test_ambiguous_dit_loras_are_not_refused(comfy_models, tmp_path):
     # HunyuanVideo's kohya double/single-block attention: Flux.1's names and widths
     hunyuan = read("flux", "dev", "kohya",
                    names("flux", "dev", r"double_blocks_0_img_attn_qkv|single_blocks_0_linear1"))
-    # diffusers MLPs only (transformer_blocks.4.ff): once taken for SDXL's deep blocks
+    # HunyuanVideo's diffusers double-block attention (20 blocks, 3072 wide): Qwen-Image's names and widths
+    hunyuan_diffusers = read("qwen_image", "base", "peft", names("qwen_image", "base", r"blocks_(0|19)_attn_"))
+    # diffusers MLPs only (transformer_blocks.4.ff): once taken for SDXL's deep blocks; with
+    # diffusers' CLIP-L, SD1.x by the text encoder (no DiT table is fitted to ff.net names)
     mlp = read("flux", "dev", "peft", names("flux", "dev", r"double_blocks_4_img_mlp_0"))
-    assert ([l.family for l in (chroma, klein, qwen, clip_l, hunyuan, mlp)]
-            == ["flux", "flux", "flux", "sdxl", "flux", "unknown"])
+    mlp_clip_l = read("flux", "dev", "peft",
+                      names("flux", "dev", r"double_blocks_4_img_mlp_0|^lora_te1_\w+layers_0_"))
+    assert ([l.family for l in (chroma, klein, qwen, clip_l, hunyuan, hunyuan_diffusers, mlp, mlp_clip_l)]
+            == ["flux", "flux", "flux", "sdxl", "flux", "qwen_image", "unknown", "sd1"])
     for lora, checkpoint in ((chroma, "Chroma"), (chroma, "ChromaRadiance"), (klein, "Flux2"), (qwen, "QwenImage"),
-                             (clip_l, "Flux"), (hunyuan, "HunyuanVideo"), (mlp, "Flux")):
+                             (clip_l, "Flux"), (hunyuan, "HunyuanVideo"), (hunyuan_diffusers, "HunyuanVideo"),
+                             (mlp, "Flux"), (mlp_clip_l, "Flux")):
         common.check_family(lora, comfy_models(checkpoint))
     # a text-encoder-only LoRA is still judged on an SD checkpoint, as before
     with pytest.raises(LoraError, match=r"\(SDXL\) is made for another base model .* which is SD1.x;"):

@@ -61,7 +61,8 @@ def test_each_real_checkpoint_class_gets_its_rule(probe):
     assert rules["Flux2"] == ["Flux.2", ["flux2", "flux"]]
     assert rules["Chroma"] == rules["ChromaRadiance"] == ["Chroma", ["flux"]]
     assert rules["ZImage"] == rules["ZImagePixelSpace"] == ["Z-Image", ["z_image"]]
-    assert rules["HunyuanVideo"] == rules["HunyuanVideoI2V"] == ["HunyuanVideo", ["hunyuan_video", "flux"]]
+    hunyuan = ["HunyuanVideo", ["hunyuan_video", "flux", "qwen_image"]]
+    assert rules["HunyuanVideo"] == rules["HunyuanVideoI2V"] == rules["HunyuanVideoSkyreelsI2V"] == hunyuan
     assert rules["SD21UnclipL"] == ["SD2.x", ["sd2"]] and rules["SSD1B"] == ["SDXL", ["sdxl"]]
     for unchecked in ("Lumina2", "HunyuanImage21", "HunyuanVideo15", "LTXAV", "HiDreamO1", "HunyuanDiT"):
         assert rules[unchecked] is None, unchecked
