@@ -275,8 +275,8 @@ def build():
                     m_method = gr.Dropdown(methods, value=host.option("grassmann_lora_method", "karcher"),
                                            label="Method")
                     m_rank = gr.Number(0, label="Rank (0 = per module the smallest source rank)", precision=0)
-                    m_auto = gr.Checkbox(False, label=f"Auto rank (keep {ENERGY.default:.0%} of the energy; the "
-                                                      "share: Method parameters)", info=ENERGY.help)
+                    m_auto = gr.Checkbox(False, label=f"Auto rank (keep {ENERGY.default:.0%} of the energy, share "
+                                                      "under Method parameters; the means: shared directions)", info=ENERGY.help)
                     m_dtype = gr.Radio(["fp16", "bf16", "fp32"], value=host.option("grassmann_lora_dtype", "fp16"),
                                        label="dtype")
                     m_name = gr.Textbox("", label="Name (empty = new unique name)")
