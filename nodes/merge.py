@@ -26,6 +26,7 @@ class GrassmannLoRAKarcherMerge:
     def INPUT_TYPES(cls):
         from ..core.karcher import MAX_NEWTON_STEPS
         from ..core.merge import TABLE, describe
+        from ..core.merge.blocks import SPEC_HELP
 
         return {
             "required": {
@@ -80,10 +81,8 @@ class GrassmannLoRAKarcherMerge:
                                      "tooltip": "rank_auto: share of the merged energy kept per module."}),
                 "block_weights": ("STRING", {"default": "", "multiline": True,
                                              "tooltip": "One line per connected LoRA (slot order; empty line or "
-                                                        "'-': all blocks at 1): an LBW preset (INS, OUTALL, …), "
-                                                        "LBW values (SD1.5 17/26, SDXL 12/20) or label=value pairs "
-                                                        "(IN04=0,M00=0.5, or the model's block groups). Scales that "
-                                                        "LoRA's weight per block: take blocks from A, others from B."}),
+                                                        f"'-': all blocks at 1): {SPEC_HELP}. Take blocks from A, "
+                                                        "others from B."}),
                 "normalise": ("BOOLEAN", {"default": False,
                                           "tooltip": "linear/concat/svd: stack without burning — directions "
                                                      "several LoRAs share come out at one LoRA's strength, "

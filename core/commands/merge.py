@@ -14,6 +14,7 @@ HELP = ("Merge LoRAs of one base model into one kohya LoRA by any method of the 
 def add_arguments(parser) -> None:
     from ..karcher import DISTANCES
     from ..merge import METHODS, NAMINGS, TABLE
+    from ..merge.blocks import SPEC_HELP
 
     parser.add_argument("sources", nargs="+", metavar="LORA", help="two or more LoRA files (any format)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
@@ -33,9 +34,7 @@ def add_arguments(parser) -> None:
                         help="ties/dare: on the sources' core coordinates (default, exact from factors) or "
                              "on the dense ΔW (full, as published)")
     parser.add_argument("--block-weights", nargs="+", metavar="SPEC",
-                        help="one spec per LoRA ('-' for none): an LBW preset (INS, OUTALL, …), LBW values "
-                             "(SD1/SD2 17 or 26, SDXL 12 or 20) or label=value pairs (IN04=0,M00=0.5 or the "
-                             "family's block groups); scales that LoRA's weight per block")
+                        help=f"one spec per LoRA ('-' for none): {SPEC_HELP}".replace("%", "%%"))
     parser.add_argument("--normalise", action="store_true",
                         help="linear/concat/svd: stack without burning — directions several LoRAs share at one "
                              "LoRA's strength, directions one LoRA uses alone untouched (see README)")
