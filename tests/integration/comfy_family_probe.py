@@ -4,9 +4,10 @@
     python comfy_family_probe.py PACK_ROOT wan.safetensors flux.safetensors out.json
 
 out.json: "classes": every comfy.supported_models class -> its base classes (MRO names)
-and the check's (label, accepted families) or null; "apply": the Grassmann Apply LoRA
-node on a Flux.1 model built on the meta device with the Wan file (the error text) and
-the Flux file (the number of patched weights).
+and the check's (label, accepted families) or null; "table": the classes the check
+names; "apply": the Grassmann Apply LoRA node on a Flux.1 model built on the meta
+device with the Wan file (the error text) and the Flux file (the number of patched
+weights).
 """
 import importlib.util
 import inspect
@@ -57,4 +58,5 @@ with torch.no_grad():
         except Exception as e:  # noqa: BLE001 - the test reads what was raised
             apply[key] = f"{type(e).__name__}: {e}"
 with open(OUT, "w") as fh:
-    json.dump({"classes": classes, "apply": apply, "model_config": type(config).__name__}, fh)
+    json.dump({"classes": classes, "table": list(common.CHECKPOINT_FAMILIES), "apply": apply,
+               "model_config": type(config).__name__}, fh)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from core.sdarch import arch_for
-from nodes.common import CHECKPOINT_FAMILIES
 from tests import dit_files
 from tests.integration.comfy_harness import comfyui_path, comfyui_python
 from tests.test_nodes_unit import COMFY_MODEL_TREE
@@ -45,7 +44,7 @@ def probe(tmp_path_factory):
 
 def test_table_names_comfyuis_classes_and_the_faked_tree_is_real(probe):
     classes = probe["classes"]
-    assert set(CHECKPOINT_FAMILIES) <= set(classes), set(CHECKPOINT_FAMILIES) - set(classes)
+    assert set(probe["table"]) <= set(classes), set(probe["table"]) - set(classes)
     for name in COMFY_MODEL_TREE:
         fake, base = [name], COMFY_MODEL_TREE[name]
         while base:
