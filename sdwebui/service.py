@@ -76,7 +76,9 @@ def applied() -> list[dict]:
 
 def resolve(ref) -> str:
     """A LoRA name or a path inside the LoRA folders → its file."""
-    if not isinstance(ref, str) or not ref.strip():
+    if ref is None or (isinstance(ref, str) and not ref.strip()):      # the tab's empty dropdown
+        raise RequestError("no LoRA chosen: pick one from the list (or give its name)")
+    if not isinstance(ref, str):
         raise RequestError(f"a LoRA must be given by name (a string), got {ref!r}")
     nets = host.available()
     entry = nets.get(ref)

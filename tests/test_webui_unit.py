@@ -495,7 +495,7 @@ def test_tab_errors_are_one_message_not_a_raise(ext):
     status, *_ = ext.tab.merge(["style_a", "style_b"], "1, x", "karcher", 0, "fp16", "", False)
     assert status == "Error: weights must be numbers separated by commas, got '1, x'"
     status, *_ = ext.tab.similarity("style_a", None, "out", 0, "")
-    assert status.startswith("Error: a LoRA must be given by name")
+    assert status == "Error: no LoRA chosen: pick one from the list (or give its name)"
 
 
 def test_tab_status_reads_as_written_in_markdown(ext):
