@@ -53,29 +53,32 @@ def check_weights(loras: list[LoraFile], weights, method) -> list[float]:
     if not all(math.isfinite(x) for x in w):
         raise LoraError(f"weights must be finite numbers, got {w}")
     for lora, x in zip(loras, w):
-        if abs(x) > MAX_WEIGHT:     # beyond any strength in use; products of such overflow
-            raise LoraError(f"weight {x:g} is out of range (at most {MAX_WEIGHT:g} in size)", lora.path)
+        _check_size(x, f"weight {x:g}", lora.path)
     if all(x == 0 for x in w):
         raise LoraError("all weights are zero: nothing to merge")
-    if method.negative_weights:
-        for lora, x in zip(loras, w):
-            if x < 0:
-                raise LoraError(f"weight {x:g} is negative: {method.negative_weights}", lora.path)
+    for lora, x in zip(loras, w):
+        _check_sign(x, f"weight {x:g}", method, lora.path)
     return w
 
 
 def check_block_weights(loras: list[LoraFile], w: list[float], factors: list[dict[str, float]], method) -> None:
     """Each source's weight times its block factor, module by module, held to the
-    rules of check_weights: at most MAX_WEIGHT in size, and not negative where the
-    method refuses negative weights."""
+    rules of check_weights."""
     for lora, x, f in zip(loras, w, factors):
         for name, factor in f.items():
-            if abs(x * factor) > MAX_WEIGHT:
-                raise LoraError(f"weight {x:g} × block weight {factor:g} is out of range (at most "
-                                f"{MAX_WEIGHT:g} in size)", lora.path, name)
-            if method.negative_weights and x * factor < 0:
-                raise LoraError(f"weight {x:g} × block weight {factor:g} is negative here: "
-                                f"{method.negative_weights}", lora.path, name)
+            what = f"weight {x:g} × block weight {factor:g}"
+            _check_size(x * factor, what, lora.path, name)
+            _check_sign(x * factor, what, method, lora.path, name, " here")
+
+
+def _check_size(x: float, what: str, path, key: str | None = None) -> None:
+    if abs(x) > MAX_WEIGHT:     # beyond any strength in use; products of such overflow
+        raise LoraError(f"{what} is out of range (at most {MAX_WEIGHT:g} in size)", path, key)
+
+
+def _check_sign(x: float, what: str, method, path, key: str | None = None, where: str = "") -> None:
+    if method.negative_weights and x < 0:
+        raise LoraError(f"{what} is negative{where}: {method.negative_weights}", path, key)
 
 
 def module_names(loras: list[LoraFile]) -> list[str]:
